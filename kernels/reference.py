@@ -1,0 +1,221 @@
+"""Eager PyTorch reference of every dinotron op.
+
+These follow facebookresearch/dinov2's math (dinov2/loss/*.py) and are the oracle for the tests and
+the fallback on CPU. All arithmetic is fp32 whatever the input dtype; results are fp32 unless stated.
+The torch.distributed-aware ops reduce across ranks when a process group is initialised, as dinov2.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dinotron.kernels.checks import (
+    check_nonempty,
+    check_positive,
+    check_same_device,
+    check_tensor,
+    stack_views,
+)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _center_vector(center: torch.Tensor, K: int) -> torch.Tensor:
+    check_tensor("center", center)
+    if center.numel() != K:
+        raise ValueError(f"center has {center.numel()} elements (shape {tuple(center.shape)}) but the logits have K={K}")
+    return center.float().reshape(K)
+
+
+@torch.no_grad()
+def softmax_center_teacher(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """softmax((teacher_logits - center) / teacher_temp) over the last dim.
+
+    teacher_logits: (..., K) float; center: K elements, e.g. (1, K), any float dtype.
+    Returns (..., K) float32 probabilities.
+    """
+    check_tensor("teacher_logits", teacher_logits)
+    check_positive("teacher_temp", teacher_temp)
+    K = teacher_logits.shape[-1]
+    return torch.softmax((teacher_logits.float() - _center_vector(center, K)) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
+    """EMA of the batch mean: center * momentum + mean(teacher_logits) * (1 - momentum).
+
+    center: K elements; teacher_logits: (..., K), the mean is over every leading dim and, with
+    torch.distributed initialised, over all ranks. Returns a new tensor shaped and typed like `center`.
+    """
+    check_tensor("teacher_logits", teacher_logits, ndim=(2, 3))
+    check_nonempty("teacher_logits", teacher_logits)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    K = teacher_logits.shape[-1]
+    c = _center_vector(center, K)
+    rows = teacher_logits.reshape(-1, K).float()
+    batch_sum = rows.sum(dim=0)
+    n = torch.tensor(float(rows.shape[0]), device=rows.device)
+    if _distributed():
+        dist.all_reduce(batch_sum)
+        dist.all_reduce(n)
+    new = c * momentum + batch_sum / n * (1.0 - momentum)
+    return new.reshape(center.shape).to(center.dtype)
+
+
+def _all_reduce_logsumexp(lse: torch.Tensor) -> torch.Tensor:
+    """log(sum over ranks of exp(lse)), elementwise, without overflow."""
+    if not _distributed():
+        return lse
+    m = lse.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    s = torch.exp(lse - m)
+    dist.all_reduce(s)
+    return m + torch.log(s)
+
+
+@torch.no_grad()
+def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher targets (SwAV/DINOv2): rows are samples, columns are prototypes.
+
+    teacher_logits: (B, K) float. Returns (B, K) float32 whose rows each sum to 1 and whose
+    columns each sum to B_total / K, where B_total is the number of rows over all ranks.
+
+    Same iterations as dinov2's DINOLoss.sinkhorn_knopp_teacher, written in log-space so that no
+    exp can overflow or underflow: Q = exp(L + log_r[None, :] + log_c[:, None]) with L the scaled
+    logits; each iteration sets the prototype scaling log_r (rows of dinov2's K x B matrix sum to
+    1/K), then the sample scaling log_c (columns sum to 1/B); the result is multiplied by B.
+    """
+    check_tensor("teacher_logits", teacher_logits, ndim=2)
+    check_nonempty("teacher_logits", teacher_logits)
+    check_positive("teacher_temp", teacher_temp)
+    if n_iterations < 1:
+        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+    L = teacher_logits.float() / teacher_temp
+    B_total = torch.tensor(float(L.shape[0]), device=L.device)
+    if _distributed():
+        dist.all_reduce(B_total)
+    K = L.shape[1]
+    log_c = torch.zeros(L.shape[0], device=L.device)
+    for _ in range(n_iterations):
+        log_r = -_all_reduce_logsumexp(torch.logsumexp(L + log_c[:, None], dim=0)) - math.log(K)
+        log_c = -torch.logsumexp(L + log_r[None, :], dim=1) - torch.log(B_total)
+    return torch.exp(L + log_r[None, :] + log_c[:, None]) * B_total
+
+
+def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: float = 0.1, reduction: str = "mean") -> torch.Tensor:
+    """DINO cross-entropy over all (student view, teacher view) pairs except a view with itself.
+
+    student_logits_per_view: S views of (B, K) logits, a list or an (S, B, K) tensor; the first
+    views are the same crops as the teacher's (global crops first).
+    teacher_probs_per_view: T views of (B, K) target probabilities (list or (T, B, K) tensor).
+    Each pair contributes -mean_b sum_k p_t[b, k] * log_softmax(s[b] / student_temp)[k].
+    reduction="mean": average over the S*T - min(S, T) pairs (lightly's DINOLoss, and what dinov2's
+    meta-arch reports); "sum": sum over pairs (dinov2's DINOLoss.forward). Returns a float32 scalar.
+    """
+    student = stack_views("student_logits_per_view", student_logits_per_view)
+    teacher = stack_views("teacher_probs_per_view", teacher_probs_per_view)
+    check_same_device(student_logits_per_view=student, teacher_probs_per_view=teacher)
+    check_positive("student_temp", student_temp)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    S, B, K = student.shape
+    if teacher.shape[1:] != (B, K):
+        raise ValueError(
+            f"teacher_probs_per_view views are (B, K)={tuple(teacher.shape[1:])} but student_logits_per_view "
+            f"views are {(B, K)}"
+        )
+    T = teacher.shape[0]
+    n_pairs = S * T - min(S, T)
+    if n_pairs == 0:
+        raise ValueError(f"no cross-view pairs: {S} student view(s) and {T} teacher view(s)")
+    log_p = F.log_softmax(student.float() / student_temp, dim=-1)
+    ce = -torch.einsum("tbk,sbk->ts", teacher.float(), log_p) / B  # (T, S) batch-mean per pair
+    same_view = torch.eye(T, S, dtype=torch.bool, device=ce.device)
+    total = ce.masked_fill(same_view, 0.0).sum()
+    return total / n_pairs if reduction == "mean" else total
+
+
+def ibot_patch_loss(
+    student_patch_logits: torch.Tensor,
+    teacher_patch_probs: torch.Tensor,
+    masks: torch.Tensor,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
+    """iBOT masked-patch cross-entropy with dinov2's per-image 1/n_masked weighting.
+
+    masks: (B, N) or (B, H, W) bool, True where the student's patch was masked.
+    student_patch_logits / teacher_patch_probs: either dense (B, N, K) (only masked patches count)
+    or masked-only (M, K) with M = masks.sum(), rows in the order of masks.flatten(1).nonzero().
+    loss = -1/B * sum_b 1/max(n_b, 1) * sum_{masked p of image b} sum_k t[p, k] log_softmax(s[p] / student_temp)[k].
+    Returns a float32 scalar.
+    """
+    check_tensor("masks", masks, ndim=(2, 3), floating=False)
+    if masks.dtype != torch.bool:
+        raise ValueError(f"masks must be a bool tensor, got {masks.dtype}")
+    check_tensor("student_patch_logits", student_patch_logits, ndim=(2, 3))
+    check_tensor("teacher_patch_probs", teacher_patch_probs, ndim=(2, 3))
+    check_same_device(student_patch_logits=student_patch_logits, teacher_patch_probs=teacher_patch_probs, masks=masks)
+    check_positive("student_temp", student_temp)
+    if student_patch_logits.shape != teacher_patch_probs.shape:
+        raise ValueError(
+            f"student_patch_logits has shape {tuple(student_patch_logits.shape)} but teacher_patch_probs has "
+            f"{tuple(teacher_patch_probs.shape)}"
+        )
+    flat = masks.flatten(1)
+    B, N = flat.shape
+    check_nonempty("masks", flat)
+    if student_patch_logits.ndim == 3:
+        if student_patch_logits.shape[:2] != (B, N):
+            raise ValueError(
+                f"dense student_patch_logits must be (B, N, K) = ({B}, {N}, K) to match masks {tuple(masks.shape)}, "
+                f"got {tuple(student_patch_logits.shape)}"
+            )
+        s, t = student_patch_logits[flat], teacher_patch_probs[flat]
+    else:
+        M = int(flat.sum())
+        if student_patch_logits.shape[0] != M:
+            raise ValueError(f"masked student_patch_logits has {student_patch_logits.shape[0]} rows but masks has {M} True entries")
+        s, t = student_patch_logits, teacher_patch_probs
+    ce = -(t.float() * F.log_softmax(s.float() / student_temp, dim=-1)).sum(dim=-1)  # (M,)
+    weights = (1.0 / flat.sum(dim=1).clamp(min=1).float())[:, None].expand(B, N)[flat]
+    return (ce * weights).sum() / B
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser: -mean_i log(||x_i - x_nn(i) + eps||_2 + eps) on L2-normalised rows.
+
+    x: (B, D) float, B >= 2. nn(i) maximises <x_i, x_j> over j != i (first index on ties, as
+    torch.max on CPU). eps is used three times as in dinov2 and lightly: in F.normalize, inside
+    nn.PairwiseDistance and in the log. Returns a float32 scalar.
+    """
+    check_tensor("x", x, ndim=2)
+    if x.shape[0] < 2:
+        raise ValueError(f"x needs at least 2 rows to have a nearest neighbour, got shape {tuple(x.shape)}")
+    xn = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+    dots = xn @ xn.t()
+    dots.fill_diagonal_(-math.inf)
+    nn_idx = dots.argmax(dim=1)
+    distances = F.pairwise_distance(xn, xn[nn_idx], p=2, eps=eps)
+    return -torch.log(distances + eps).mean()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q @ k^T * scale) @ v, plain math in fp32.
+
+    q, k, v: (B, H, N, D), any float dtype; scale defaults to D ** -0.5. Returns (B, H, N, D) in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    check_same_device(q=q, k=k, v=v)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one (B, H, N, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)

@@ -1,0 +1,316 @@
+"""The eager reference ops against hand-computed cases and brute-force loops."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinotron.kernels import reference as ref
+
+LN2 = math.log(2.0)
+
+
+# ---- softmax_center_teacher / update_center -------------------------------------------------------
+
+def test_softmax_center_teacher_hand_computed():
+    logits = torch.tensor([[0.0, LN2], [LN2, 0.0]])
+    probs = ref.softmax_center_teacher(logits, torch.zeros(1, 2), teacher_temp=1.0)
+    torch.testing.assert_close(probs, torch.tensor([[1 / 3, 2 / 3], [2 / 3, 1 / 3]]))
+    # centring by the first row's logits makes that row uniform
+    probs = ref.softmax_center_teacher(logits, torch.tensor([0.0, LN2]), teacher_temp=1.0)
+    torch.testing.assert_close(probs[0], torch.tensor([0.5, 0.5]))
+    # temperature 0.5 doubles the logit gap: exp(2 ln 2) = 4
+    probs = ref.softmax_center_teacher(logits, torch.zeros(2), teacher_temp=0.5)
+    torch.testing.assert_close(probs[0], torch.tensor([1 / 5, 4 / 5]))
+
+
+def test_softmax_center_teacher_bf16_input_gives_fp32():
+    logits = torch.randn(4, 3, 100)
+    center = torch.randn(1, 100)
+    out = ref.softmax_center_teacher(logits.bfloat16(), center, 0.04)
+    assert out.dtype == torch.float32 and out.shape == (4, 3, 100)
+    expected = torch.softmax((logits.bfloat16().float() - center) / 0.04, dim=-1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_update_center_hand_computed():
+    center = torch.ones(1, 2)
+    logits = torch.tensor([[0.0, 2.0], [2.0, 4.0]])
+    new = ref.update_center(center, logits, momentum=0.9)
+    assert new.shape == (1, 2) and new.dtype == torch.float32
+    torch.testing.assert_close(new, torch.tensor([[1.0, 1.2]]))
+    assert torch.equal(center, torch.ones(1, 2)), "update_center must not modify its input"
+    # (views, B, K) logits average over views and batch alike
+    torch.testing.assert_close(ref.update_center(center, logits.reshape(2, 1, 2), 0.9), new)
+
+
+# ---- sinkhorn_knopp_teacher ---------------------------------------------------------------------
+
+def dinov2_sinkhorn_literal(teacher_output, teacher_temp, n_iterations=3):
+    """dinov2's DINOLoss.sinkhorn_knopp_teacher, single process, transcribed literally."""
+    Q = torch.exp(teacher_output.float() / teacher_temp).t()
+    B, K = Q.shape[1], Q.shape[0]
+    Q /= torch.sum(Q)
+    for _ in range(n_iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+@pytest.mark.parametrize("B,K,n_it", [(8, 16, 3), (5, 100, 1), (64, 1000, 3), (3, 7, 10)])
+def test_sinkhorn_matches_dinov2_literal(B, K, n_it):
+    logits = torch.randn(B, K)
+    out = ref.sinkhorn_knopp_teacher(logits, teacher_temp=0.5, n_iterations=n_it)
+    torch.testing.assert_close(out, dinov2_sinkhorn_literal(logits, 0.5, n_it), rtol=1e-4, atol=1e-7)
+
+
+def test_sinkhorn_marginals():
+    B, K = 32, 16
+    logits = torch.randn(B, K)
+    out = ref.sinkhorn_knopp_teacher(logits, teacher_temp=0.3, n_iterations=3)
+    # the last step normalises samples: each row is a distribution
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(B), rtol=0, atol=1e-5)
+    # with enough iterations the prototype marginal converges to B / K
+    out = ref.sinkhorn_knopp_teacher(logits, teacher_temp=0.3, n_iterations=500)
+    torch.testing.assert_close(out.sum(dim=0), torch.full((K,), B / K), rtol=1e-3, atol=0)
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(B), rtol=0, atol=1e-5)
+
+
+def test_sinkhorn_uniform_and_extreme_logits():
+    torch.testing.assert_close(ref.sinkhorn_knopp_teacher(torch.zeros(2, 2), 0.04), torch.full((2, 2), 0.5))
+    # logits whose exp under/overflows in fp32 still give finite distributions (log-space)
+    logits = torch.randn(16, 32) * 50
+    out = ref.sinkhorn_knopp_teacher(logits, teacher_temp=0.04)
+    assert torch.isfinite(out).all()
+    assert not torch.isfinite(dinov2_sinkhorn_literal(logits, 0.04)).all()
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(16), rtol=0, atol=1e-4)
+
+
+# ---- dino_loss ----------------------------------------------------------------------------------
+
+def dino_loss_double_loop(student_views, teacher_views, student_temp):
+    terms = []
+    for s_idx, s in enumerate(student_views):
+        log_p = F.log_softmax(s.float() / student_temp, dim=-1)
+        for t_idx, t in enumerate(teacher_views):
+            if s_idx == t_idx:
+                continue
+            terms.append(-(t.float() * log_p).sum(dim=-1).mean())
+    return torch.stack(terms)
+
+
+def test_dino_loss_hand_computed():
+    teacher = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    student = [torch.zeros(1, 2), torch.zeros(1, 2)]
+    torch.testing.assert_close(ref.dino_loss(student, teacher, student_temp=1.0), torch.tensor(LN2))
+    torch.testing.assert_close(ref.dino_loss(student, teacher, 1.0, reduction="sum"), torch.tensor(2 * LN2))
+    # a student that is certain of the teacher's other view: log_softmax([10, 0]/0.1) ~ [0, -100]
+    student = [torch.tensor([[0.0, 10.0]]), torch.tensor([[10.0, 0.0]])]
+    assert ref.dino_loss(student, teacher, student_temp=0.1).item() == pytest.approx(0.0, abs=1e-30)
+
+
+@pytest.mark.parametrize("n_global,n_local,B,K", [(2, 0, 3, 17), (2, 8, 4, 64), (2, 2, 1, 1000), (1, 4, 5, 10)])
+def test_dino_loss_equals_double_loop(n_global, n_local, B, K):
+    student = [torch.randn(B, K, requires_grad=True) for _ in range(n_global + n_local)]
+    teacher = [torch.softmax(torch.randn(B, K), dim=-1) for _ in range(n_global)]
+    terms = dino_loss_double_loop(student, teacher, 0.1)
+    assert len(terms) == (n_global + n_local) * n_global - n_global
+    loss = ref.dino_loss(student, teacher, student_temp=0.1)
+    torch.testing.assert_close(loss, terms.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref.dino_loss(student, teacher, 0.1, reduction="sum"), terms.sum(), rtol=1e-5, atol=1e-5)
+    # stacked (V, B, K) tensors are the same as lists of views
+    torch.testing.assert_close(ref.dino_loss(torch.stack(student), torch.stack(teacher), 0.1), loss)
+    # with one global view, student view 0 pairs with no teacher view: its gradient is zero
+    grads = torch.autograd.grad(loss, student, allow_unused=True, materialize_grads=True)
+    grads_loop = torch.autograd.grad(terms.mean(), student, allow_unused=True, materialize_grads=True)
+    for g, g_loop in zip(grads, grads_loop):
+        torch.testing.assert_close(g, g_loop, rtol=1e-5, atol=1e-7)
+
+
+def test_dino_loss_bf16_inputs_accumulate_in_fp32():
+    student = torch.randn(4, 8, 256).bfloat16()
+    teacher = torch.softmax(torch.randn(2, 8, 256), dim=-1).bfloat16()
+    loss = ref.dino_loss(student, teacher)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, dino_loss_double_loop(student, teacher, 0.1).mean(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "student,teacher,kwargs,match",
+    [
+        ([torch.randn(2, 8)] * 2, [torch.randn(2, 9)] * 2, {}, "teacher_probs_per_view"),
+        ([torch.randn(2, 8), torch.randn(3, 8)], [torch.randn(2, 8)] * 2, {}, r"student_logits_per_view\[1\]"),
+        ([torch.randn(2, 8)] * 2, [torch.randn(3, 8)] * 2, {}, "teacher_probs_per_view"),
+        ([torch.randn(2, 8).long()] * 2, [torch.randn(2, 8)] * 2, {}, r"student_logits_per_view\[0\] must be float"),
+        ([torch.randn(8)] * 2, [torch.randn(2, 8)] * 2, {}, r"student_logits_per_view\[0\] must be 2-D"),
+        (torch.randn(2, 8), [torch.randn(2, 8)] * 2, {}, "student_logits_per_view must be 3-D"),
+        ([], [torch.randn(2, 8)], {}, "student_logits_per_view must be"),
+        ([torch.randn(0, 8)] * 2, [torch.randn(0, 8)] * 2, {}, "empty"),
+        ([torch.randn(2, 8)], [torch.randn(2, 8)], {}, "no cross-view pairs"),
+        ([torch.randn(2, 8)] * 2, [torch.randn(2, 8)] * 2, {"reduction": "none"}, "reduction"),
+        ([torch.randn(2, 8)] * 2, [torch.randn(2, 8)] * 2, {"student_temp": 0.0}, "student_temp"),
+    ],
+)
+def test_dino_loss_bad_input(student, teacher, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ref.dino_loss(student, teacher, **kwargs)
+
+
+# ---- ibot_patch_loss ----------------------------------------------------------------------------
+
+def dinov2_ibot_forward(student_patch_tokens, teacher_patch_tokens, student_masks_flat, student_temp):
+    """dinov2's iBOTPatchLoss.forward (dense form), transcribed."""
+    loss = torch.sum(teacher_patch_tokens * F.log_softmax(student_patch_tokens / student_temp, dim=-1), dim=-1)
+    loss = torch.sum(loss * student_masks_flat.float(), dim=-1) / student_masks_flat.sum(dim=-1).clamp(min=1.0)
+    return -loss.mean()
+
+
+def test_ibot_hand_computed():
+    # image 0: 1 of 2 patches masked, image 1: both masked; K=2, uniform student -> each term ln 2
+    masks = torch.tensor([[True, False], [True, True]])
+    student = torch.zeros(2, 2, 2)
+    teacher = torch.tensor([[1.0, 0.0]]).expand(2, 2, 2)
+    torch.testing.assert_close(ref.ibot_patch_loss(student, teacher, masks, student_temp=1.0), torch.tensor(LN2))
+    # an image with no masked patch contributes 0 but still counts in the batch
+    masks = torch.tensor([[True, False], [False, False]])
+    torch.testing.assert_close(ref.ibot_patch_loss(student, teacher, masks, student_temp=1.0), torch.tensor(LN2 / 2))
+
+
+@pytest.mark.parametrize("B,N,K", [(1, 4, 8), (3, 16, 100), (4, 50, 33)])
+def test_ibot_dense_masked_and_dinov2_agree(B, N, K):
+    masks = torch.rand(B, N) < 0.4
+    masks[0, 0] = True
+    student = torch.randn(B, N, K, requires_grad=True)
+    teacher = torch.softmax(torch.randn(B, N, K), dim=-1)
+    dense = ref.ibot_patch_loss(student, teacher, masks, student_temp=0.1)
+    torch.testing.assert_close(dense, dinov2_ibot_forward(student, teacher, masks, 0.1), rtol=1e-5, atol=1e-6)
+    masked = ref.ibot_patch_loss(student[masks], teacher[masks], masks, student_temp=0.1)
+    torch.testing.assert_close(masked, dense)
+    (g_dense,) = torch.autograd.grad(dense, student)
+    (g_ref,) = torch.autograd.grad(dinov2_ibot_forward(student, teacher, masks, 0.1), student)
+    torch.testing.assert_close(g_dense, g_ref, rtol=1e-5, atol=1e-8)
+
+
+def test_ibot_spatial_masks():
+    masks = torch.rand(2, 4, 4) < 0.5
+    masks[:, 0, 0] = True
+    student, teacher = torch.randn(2, 16, 10), torch.softmax(torch.randn(2, 16, 10), dim=-1)
+    torch.testing.assert_close(
+        ref.ibot_patch_loss(student, teacher, masks), ref.ibot_patch_loss(student, teacher, masks.flatten(1))
+    )
+
+
+def test_ibot_bad_input():
+    masks = torch.tensor([[True, False], [True, True]])
+    with pytest.raises(ValueError, match="masks must be a bool"):
+        ref.ibot_patch_loss(torch.randn(3, 4), torch.randn(3, 4), masks.long())
+    with pytest.raises(ValueError, match="3 True entries"):
+        ref.ibot_patch_loss(torch.randn(2, 4), torch.randn(2, 4), masks)
+    with pytest.raises(ValueError, match="teacher_patch_probs has"):
+        ref.ibot_patch_loss(torch.randn(3, 4), torch.randn(3, 5), masks)
+    with pytest.raises(ValueError, match=r"\(B, N, K\) = \(2, 2, K\)"):
+        ref.ibot_patch_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), masks)
+
+
+# ---- koleo_loss ---------------------------------------------------------------------------------
+
+def koleo_brute_force(x, eps=1e-8):
+    """O(B^2) python loop: nearest neighbour by inner product, self excluded, first index on ties."""
+    xn = [row / max(row.norm().item(), eps) for row in x.float()]
+    total = 0.0
+    for i, xi in enumerate(xn):
+        best_j, best_dot = None, -math.inf
+        for j, xj in enumerate(xn):
+            if j != i and torch.dot(xi, xj).item() > best_dot:
+                best_j, best_dot = j, torch.dot(xi, xj).item()
+        d = (xi - xn[best_j] + eps).norm().item()
+        total += -math.log(d + eps)
+    return total / len(xn)
+
+
+@pytest.mark.parametrize("B,D", [(2, 3), (3, 64), (17, 384), (40, 10)])
+def test_koleo_equals_brute_force(B, D):
+    x = torch.randn(B, D, dtype=torch.float64).float()
+    assert ref.koleo_loss(x).item() == pytest.approx(koleo_brute_force(x), rel=1e-5)
+
+
+def test_koleo_hand_computed_and_duplicates():
+    # orthonormal rows: every nearest neighbour is at distance sqrt(2)
+    x = torch.eye(3) * torch.tensor([[2.0], [0.5], [7.0]])
+    assert ref.koleo_loss(x).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-6)
+    # a duplicated row has distance ||eps * 1|| = eps * sqrt(D), as nn.PairwiseDistance computes it
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    d = 1e-8 * math.sqrt(2)
+    expected = (-math.log(d + 1e-8) * 2 - math.log(math.sqrt(2))) / 3
+    assert ref.koleo_loss(x).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_koleo_matches_lightly_formula():
+    x = torch.randn(32, 16)
+    xn = F.normalize(x, p=2, dim=-1, eps=1e-8)
+    sim = xn @ xn.t()
+    sim.fill_diagonal_(-2)
+    dist = torch.nn.PairwiseDistance(p=2, eps=1e-8)(xn, xn[sim.argmax(dim=1)])
+    torch.testing.assert_close(ref.koleo_loss(x), -(dist + 1e-8).log().mean())
+
+
+def test_koleo_bad_input():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        ref.koleo_loss(torch.randn(1, 8))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        ref.koleo_loss(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="x must be float"):
+        ref.koleo_loss(torch.ones(4, 8, dtype=torch.int32))
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+def test_attention_hand_computed():
+    # q = 0: uniform weights, the output is the mean of v over keys
+    q = torch.zeros(1, 1, 3, 4)
+    k = torch.randn(1, 1, 3, 4)
+    v = torch.arange(12.0).reshape(1, 1, 3, 4)
+    torch.testing.assert_close(ref.attention(q, k, v), v.mean(dim=2, keepdim=True).expand(1, 1, 3, 4))
+
+
+@pytest.mark.parametrize("B,H,N,D", [(2, 3, 5, 8), (1, 2, 50, 64)])
+def test_attention_matches_per_head_loop(B, H, N, D):
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    out = ref.attention(q, k, v, scale=0.3)
+    for b in range(B):
+        for h in range(H):
+            w = torch.softmax(q[b, h] @ k[b, h].t() * 0.3, dim=-1)
+            torch.testing.assert_close(out[b, h], w @ v[b, h], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ref.attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5
+    )
+    assert ref.attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).dtype == torch.bfloat16
+
+
+def test_attention_bad_input():
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        ref.attention(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="share one"):
+        ref.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
+    with pytest.raises(ValueError, match="v must be float"):
+        ref.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.ones(1, 2, 5, 8, dtype=torch.long))
+
+
+# ---- shared argument checks ---------------------------------------------------------------------
+
+def test_teacher_ops_bad_input():
+    with pytest.raises(ValueError, match="center has 3 elements"):
+        ref.softmax_center_teacher(torch.randn(2, 4), torch.zeros(3), 0.04)
+    with pytest.raises(ValueError, match="teacher_temp must be > 0"):
+        ref.softmax_center_teacher(torch.randn(2, 4), torch.zeros(4), 0.0)
+    with pytest.raises(ValueError, match="teacher_logits must be 2-D"):
+        ref.sinkhorn_knopp_teacher(torch.randn(4), 0.04)
+    with pytest.raises(ValueError, match="n_iterations"):
+        ref.sinkhorn_knopp_teacher(torch.randn(2, 4), 0.04, n_iterations=0)
+    with pytest.raises(ValueError, match="teacher_logits is empty"):
+        ref.update_center(torch.zeros(4), torch.randn(0, 4), 0.9)
+    with pytest.raises(ValueError, match="momentum"):
+        ref.update_center(torch.zeros(4), torch.randn(2, 4), 1.5)

@@ -1,0 +1,1 @@
+"""dinotron.train: DINOv2 meta-architecture, schedules, training loop, checkpoints, evaluation and CLI."""
