@@ -1,13 +1,17 @@
-"""KoLeo regulariser (dinov2's KoLeoLoss, lightly's signature) as one forward and one backward kernel.
+"""KoLeo regulariser (dinov2's KoLeoLoss, lightly's signature) in Triton: search, distance, backward.
 
     loss = -1/B sum_i log(||xn_i - xn_nn(i) + eps||_p + eps),   xn = x / max(||x||_2, eps),
     nn(i) = argmax_{j != i} <xn_i, xn_j>   (first index on ties, as torch.max)
 
-Forward, one program per BLOCK_M query rows: every block of BLOCK_N key rows goes through tl.dot on
-the raw features; each column is divided by its key's norm (summed from the same tiles; the query's
-own norm does not change its argmax), and a running max/argmax is kept per query row, self excluded.
-The program then gathers its rows' neighbours and computes the distance and -log(d + eps). Nothing of
-size B x B is ever stored: besides the (B, D) input and gradient there are four (B,) vectors.
+Forward, program (i, s) takes query row block i and key split s: every block of BLOCK_N key rows of
+the split goes through tl.dot on the raw features, each column is divided by its key's norm (summed
+from the same tiles; the query's own norm does not change its argmax), and a running max/argmax is
+kept per query row, self excluded. With one split (small batches: one launch) the same program then
+gathers its rows' neighbours and computes the distance and -log(d + eps); with several (large batches,
+or a small local batch against all-gathered keys, so that every SM has work) the splits fold their
+best (similarity, index) into one int64 per row by atomic max, and a finishing kernel does that
+step. Nothing of size B x B is ever stored: besides the (B, D) input and gradient there are a few
+(B,) vectors.
 Backward, one program per BLOCK_M rows: the gradient of each pair's distance goes to both x_i and
 x_nn(i), through the L2 normalisation, by fp32 atomic adds (a row that is the neighbour of several
 rows receives several contributions; with three or more the order of the adds, hence the last bits,
@@ -17,9 +21,11 @@ With group=..., the keys are the rows of every rank (all-gathered with gradient)
 rank's rows, which sit at `offset` among the keys.
 
 fp32 inputs: the search's tl.dot follows torch.backends.cuda.matmul.allow_tf32 as torch.mm does
-(tf32 if allowed, else tf32x3, which is as accurate as fp32); the distance is always computed in
-fp32 from the rows themselves, so a near-tie can change which neighbour is chosen (by less than the
-dot's rounding), never the accuracy of its distance.
+(tf32 if allowed, as dinov2's train.py sets it, else tf32x3, about as accurate as fp32); fp16/bf16
+products are exact. The distance is always computed in fp32 from the rows themselves, so rounding
+can only swap neighbours whose similarities tie to within the dot's rounding.
+Exact duplicate rows push each other with gradients ~ 1 / (B eps sqrt(D)) that cancel; a third
+row's pull on them is then lost in fp32 rounding, here as in the eager reference.
 """
 from __future__ import annotations
 
@@ -274,7 +280,7 @@ class KoLeoFunction(torch.autograd.Function):
 
 def _check_finite(x: torch.Tensor, group) -> None:
     """ValueError if x (on any rank of `group`) holds NaN or inf; the ranks agree, so none is left waiting."""
-    finite = torch.isfinite(x).all()
+    finite = torch.isfinite(torch.stack(torch.aminmax(x))).all()  # one pass: a NaN or inf reaches the min or max
     if group is not None:
         finite = finite.to(torch.int32)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)

@@ -162,8 +162,8 @@ def test_bad_input(backend):
         koleo_loss(torch.ones(4, 8, dtype=torch.int32), backend=backend)
     with pytest.raises(ValueError, match="empty along dim 1"):
         koleo_loss(torch.randn(4, 0), backend=backend)
-    for bad in (math.nan, math.inf, -math.inf):
-        x = torch.randn(4, 8)
+    for bad, dtype in [(math.nan, torch.float32), (math.inf, torch.float32), (-math.inf, torch.bfloat16)]:
+        x = torch.randn(4, 8, dtype=dtype)
         x[2, 5] = bad
         with pytest.raises(ValueError, match="non-finite"):
             koleo_loss(x, backend=backend)
