@@ -187,22 +187,79 @@ def ibot_patch_loss(
     return (ce * weights).sum() / B
 
 
-def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo regulariser: -mean_i log(||x_i - x_nn(i) + eps||_2 + eps) on L2-normalised rows.
+def check_koleo_input(x: torch.Tensor, eps: float, p: float, group=None) -> None:
+    """The argument checks koleo_loss shares with its Triton kernel (shape, dtype, eps, p, rows)."""
+    check_tensor("x", x, ndim=2)
+    check_nonempty("x", x, 1)
+    check_positive("eps", eps)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p < math.inf:
+        raise ValueError(f"p (the distance's norm degree) must be a finite number >= 1, got {p!r}")
+    if group is None and x.shape[0] < 2:
+        raise ValueError(f"x needs at least 2 rows to have a nearest neighbour, got shape {tuple(x.shape)}")
+    if group is not None:
+        check_nonempty("x", x, 0)
+        if not _distributed():
+            raise ValueError("group was given but torch.distributed is not initialised")
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """cat of every rank's (B, D) rows; backward sums the gradient over ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, rank: int, world: int) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.group, ctx.rows = group, slice(rank * x.shape[0], (rank + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)  # every backend has all_reduce (gloo has no reduce_scatter)
+        return grad[ctx.rows], None, None, None
+
+
+def all_gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """Rows of `x` from every rank of `group`, concatenated in rank order, and where this rank's rows start.
+
+    Differentiable: the gradient of the gathered rows is summed over ranks and returned to the rank
+    that owns them (as torch.distributed.nn.all_gather). Every rank must pass the same (B, D).
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the process group passed as group")
+    shape = torch.tensor(x.shape, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    shapes = [tuple(s.tolist()) for s in shapes]
+    if len(set(shapes)) > 1:
+        raise ValueError(f"every rank of the group must pass x of one shape (B, D), got {shapes} by rank")
+    if world * x.shape[0] < 2:
+        raise ValueError(f"the group holds {world * x.shape[0]} row(s) in all: a nearest neighbour needs at least 2")
+    return _AllGatherRows.apply(x, group, rank, world), rank * x.shape[0]
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8, *, p: float = 2.0, group=None) -> torch.Tensor:
+    """KoLeo regulariser: -mean_i log(||x_i - x_nn(i) + eps||_p + eps) on L2-normalised rows.
 
     x: (B, D) float, B >= 2. nn(i) maximises <x_i, x_j> over j != i (first index on ties, as
     torch.max on CPU). eps is used three times as in dinov2 and lightly: in F.normalize, inside
-    nn.PairwiseDistance and in the log. Returns a float32 scalar.
+    nn.PairwiseDistance and in the log. p is the distance's norm degree (lightly's KoLeoLoss(p=...)).
+    group: a torch.distributed process group; the neighbours are then searched among the rows of
+    every rank of the group (all-gathered with gradient, as dinov3's KoLeoLossDistributed), the mean
+    is over this rank's rows. Autocast is disabled inside, as in dinov2. Returns a float32 scalar.
     """
-    check_tensor("x", x, ndim=2)
-    if x.shape[0] < 2:
-        raise ValueError(f"x needs at least 2 rows to have a nearest neighbour, got shape {tuple(x.shape)}")
-    xn = F.normalize(x.float(), p=2, dim=-1, eps=eps)
-    dots = xn @ xn.t()
-    dots.fill_diagonal_(-math.inf)
-    nn_idx = dots.argmax(dim=1)
-    distances = F.pairwise_distance(xn, xn[nn_idx], p=2, eps=eps)
-    return -torch.log(distances + eps).mean()
+    check_koleo_input(x, eps, p, group)
+    with torch.autocast(x.device.type, enabled=False):
+        xn = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+        keys, offset = (xn, 0) if group is None else all_gather_rows(xn, group)
+        with torch.no_grad():
+            dots = xn @ keys.t()
+            rows = torch.arange(x.shape[0], device=x.device)
+            dots[rows, rows + offset] = -math.inf
+            nn_idx = dots.argmax(dim=1)
+        distances = F.pairwise_distance(xn, keys[nn_idx], p=p, eps=eps)
+        return -torch.log(distances + eps).mean()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

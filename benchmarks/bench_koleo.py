@@ -1,0 +1,106 @@
+"""KoLeo forward+backward: dinotron vs the eager reference, lightly's eager formula and torch.compile.
+
+    python benchmarks/bench_koleo.py                          # GPU: B=128 and B=4096 at D=384
+    python benchmarks/bench_koleo.py --B 128 1024 --dtype bfloat16
+    python benchmarks/bench_koleo.py --threads 1                # CPU on a shared machine: steadier timings
+
+Each row times loss = koleo(x); loss.backward() on x (B, D) with requires_grad, as the trainer calls it
+on the student's cls features of one global crop. Impls: `eager` is dinotron.kernels.reference
+(dinov2's math: the B x B similarity matrix), `eager_lightly` lightly 1.6.0's KoLeoLoss.forward
+written out (mm, fill_diagonal_(-2), argmax, PairwiseDistance), `torch_compile` that function
+compiled, `dinotron` the public koleo_loss (Triton on CUDA; on CPU what a CPU user gets, the eager
+fallback, never the Triton interpreter). peak_mib is the memory the call allocates beyond its inputs
+(CUDA only): O(B^2) for the eager rows, O(B*D) for the kernel.
+fp32 inputs follow torch.backends.cuda.matmul.allow_tf32 in every row (--tf32 turns it on, as
+dinov2's train.py does); by default it is off, and the kernel's search runs in tf32x3.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import add_speedups, peak_mib, save, time_ms
+from dinotron.kernels import koleo_loss
+from dinotron.kernels import reference
+
+
+def lightly_koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """lightly 1.6.0's KoLeoLoss(p=2, eps).forward, written out."""
+    x = F.normalize(x, p=2, dim=-1, eps=eps)
+    cos_sim = torch.mm(x, x.t())
+    cos_sim.fill_diagonal_(-2)
+    nn_dist = F.pairwise_distance(x, x[cos_sim.argmax(dim=1)], p=2, eps=eps)
+    return -(nn_dist + eps).log().mean()
+
+
+def impls(args) -> dict:
+    out = {
+        "dinotron": koleo_loss,
+        "dinotron_unchecked": lambda x: koleo_loss(x, check_finite=False),  # no NaN/inf check: no host sync
+        "eager": reference.koleo_loss,
+        "eager_lightly": lightly_koleo,
+    }
+    if args.compile:
+        out["torch_compile"] = torch.compile(lightly_koleo)
+    return out
+
+
+def measure(case: str, impl: str, fn, x: torch.Tensor, device: str, args) -> dict:
+    def step():
+        x.grad = None
+        fn(x).backward()
+
+    row = {"case": case, "impl": impl}
+    try:
+        step()  # compiles (Triton, inductor) before timing
+        ms = time_ms(step, device, warmup=args.warmup, rep=args.rep)
+    except (RuntimeError, ValueError) as e:
+        row["note"] = f"does not run: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+        return row
+    row["ms"] = round(ms, 4)
+    mib = peak_mib(step, device)
+    if mib is not None:
+        row["peak_mib"] = round(mib, 2)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--B", type=int, nargs="+", default=None, help="batch sizes (default: 128 4096 on CUDA, 128 1024 on CPU)")
+    parser.add_argument("--D", type=int, default=384)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--tf32", action="store_true", help="torch.backends.cuda.matmul.allow_tf32 = True (dinov2's setting)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="add the torch.compile row")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--rep", type=int, default=None)
+    args = parser.parse_args(argv)
+    on_cuda = torch.device(args.device).type == "cuda"
+    args.B = args.B or ([128, 4096] if on_cuda else [128, 1024])
+    args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 3)
+    args.rep = args.rep if args.rep is not None else (50 if on_cuda else 20)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    rows = []
+    fns = impls(args)
+    for B in args.B:
+        case = f"B={B} D={args.D} {args.dtype} fwd+bwd"
+        x = torch.randn(B, args.D, device=args.device).to(dtype).requires_grad_()
+        for impl, fn in fns.items():
+            rows.append(measure(case, impl, fn, x, args.device, args))
+    add_speedups(rows, ours="dinotron")
+    dinotron_path = "triton kernels" if on_cuda else "eager reference (CPU fallback)"
+    save("koleo", rows, args.device, extra={"dtype": args.dtype, "D": args.D, "tf32": args.tf32, "threads": torch.get_num_threads(),
+                                                "dinotron_path": dinotron_path})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
