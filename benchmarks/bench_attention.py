@@ -40,6 +40,7 @@ SDPA_BACKENDS = {
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa_math": SDPBackend.MATH,
 }
+CUDA_ONLY = ("sdpa_cudnn", "sdpa_efficient")
 
 
 def heads_first(qkv: torch.Tensor):
@@ -73,7 +74,7 @@ def load_xformers(device: str):
 def dense_impls(args, xops):
     """impl name -> fn(qkv) computing attention on one (B, N, 3, H, D) tensor."""
     impls = {"dinotron": lambda qkv: attention(*heads_first(qkv))}
-    for name, backend in SDPA_BACKENDS.items():
+    for name, backend in args.sdpa_backends.items():
         impls[name] = lambda qkv, backend=backend: _sdpa(backend, *heads_first(qkv))
     if args.compile:
         compiled = torch.compile(math_attention)
@@ -108,7 +109,7 @@ def packed_impls(args, xops, groups):
         "dinotron": lambda qkv: attention_varlen(*qkv.unbind(1), packing, max_seqlen),
         "dinotron_two_calls": lambda qkv: [attention(*heads_first(t)) for t in per_group(qkv)],
     }
-    for name, backend in SDPA_BACKENDS.items():
+    for name, backend in args.sdpa_backends.items():
         impls[name] = lambda qkv, backend=backend: [_sdpa(backend, *heads_first(t)) for t in per_group(qkv)]
     if xops is not None:
         bias = xops.fmha.BlockDiagonalMask.from_seqlens(lengths)
@@ -116,7 +117,7 @@ def packed_impls(args, xops, groups):
     return impls, stack
 
 
-def run_case(key: str, args, device: str, xops, xformers_reason: str | None) -> list[dict]:
+def run_case(key: str, args, device: str, xops) -> list[dict]:
     label, groups, heads, head_dim = CASES[key]
     if device == "cpu":
         groups = [(max(1, b // CPU_SHRINK), n) for b, n in groups]
@@ -135,8 +136,6 @@ def run_case(key: str, args, device: str, xops, xformers_reason: str | None) -> 
             qkv = torch.randn(qkv_shape, dtype=args.dtype, device=device, requires_grad=mode == "fwd+bwd")
             for impl, fn in impls.items():
                 rows.append(measure(case, impl, fn, qkv, flops, device, args))
-            if xops is None:
-                rows.append({"case": case, "impl": "xformers", "note": xformers_reason})
     return rows
 
 
@@ -177,17 +176,21 @@ def main(argv=None) -> int:
     on_cuda = device == "cuda"
     args.dtype = getattr(torch, args.dtype or ("float16" if on_cuda else "float32"))
     args.compile = on_cuda if args.compile is None else args.compile
-    args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
-    args.rep = args.rep if args.rep is not None else (50 if on_cuda else 5)
-    xops, xformers_reason = load_xformers(device)
-    if xformers_reason:
-        print(f"skipping xformers: {xformers_reason}")
+    args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 3)
+    args.rep = args.rep if args.rep is not None else (50 if on_cuda else 15)
+    skipped = {} if on_cuda else {name: "a CUDA-only SDPA backend" for name in CUDA_ONLY}
+    args.sdpa_backends = {name: b for name, b in SDPA_BACKENDS.items() if name not in skipped}
+    xops, skipped["xformers"] = load_xformers(device)
+    skipped = {name: reason for name, reason in skipped.items() if reason}
+    for name, reason in skipped.items():
+        print(f"skipping {name}: {reason}")
     rows = []
     for key in args.cases:
-        rows += run_case(key, args, device, xops, xformers_reason)
+        rows += run_case(key, args, device, xops)
     add_speedups(rows, ours="dinotron")
     dinotron_path = "triton kernels" if on_cuda and args.dtype != torch.float32 else "eager reference (fallback)"
-    save("attention", rows, device, extra={"dtype": str(args.dtype).removeprefix("torch."), "dinotron_path": dinotron_path})
+    extra = {"dtype": str(args.dtype).removeprefix("torch."), "dinotron_path": dinotron_path, "skipped": skipped}
+    save("attention", rows, device, extra=extra)
     return 0
 
 

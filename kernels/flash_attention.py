@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,8 +50,11 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _sequence(CU, seq, N, IS_VARLEN: tl.constexpr):
-    """First token and length of sequence `seq`: dense batches hold N tokens per sequence."""
+def _program(CU, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, IS_VARLEN: tl.constexpr):
+    """This program's row tile t, its sequence's length, and the element offsets of the sequence's
+    first row for this head in the inputs (q, k, v), the outputs (o, dO, dq, dk, dv) and the
+    per-row fp32 buffers (lse, delta). Dense sequences are N tokens each."""
+    t, head, seq = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     if IS_VARLEN:
         first = tl.load(CU + seq)
         length = tl.load(CU + seq + 1) - first
@@ -60,7 +62,8 @@ def _sequence(CU, seq, N, IS_VARLEN: tl.constexpr):
     else:
         start = 0
         length = N
-    return start, length
+    return (t, length, seq * s_in_b + head * s_in_h + start * s_in_n, seq * s_out_b + head * s_out_h + start * s_out_n,
+            seq * s_lse_b + head * s_lse_h + start)
 
 
 @triton.jit
@@ -95,14 +98,17 @@ def _load_vec(ptr, offs, length, MASK: tl.constexpr):
     return tl.load(ptr + offs)
 
 
+# In the tile functions s_in / s_out are the row strides of the inputs and of the outputs.
+
+
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, K, V, skn, svn, start_n, length, qk_scale,
+def _fwd_step(acc, m_i, l_i, q, K, V, s_in, start_n, length, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """Online-softmax update of one query tile with keys [start_n, start_n + BLOCK_N); log2 domain."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    kT = _load_cols(K, offs_n, skn, length, offs_d, MASK)
-    v = _load_rows(V, offs_n, svn, length, offs_d, MASK)
+    kT = _load_cols(K, offs_n, s_in, length, offs_d, MASK)
+    v = _load_rows(V, offs_n, s_in, length, offs_d, MASK)
     s = tl.dot(q, kT) * qk_scale
     if MASK:
         s = tl.where(offs_n[None, :] < length, s, float("-inf"))
@@ -115,33 +121,33 @@ def _fwd_step(acc, m_i, l_i, q, K, V, skn, svn, start_n, length, qk_scale,
 
 
 @triton.jit
-def _fwd_tile(Q, K, V, O, LSE, sqn, skn, svn, son, start_m, length, qk_scale,
+def _fwd_tile(Q, K, V, O, LSE, s_in, s_out, start_m, length, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(Q, offs_m, sqn, length, offs_d, True)
+    q = _load_rows(Q, offs_m, s_in, length, offs_d, True)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = length // BLOCK_N * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, skn, svn, start_n, length, qk_scale, HEAD_DIM, BLOCK_N, False)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, s_in, start_n, length, qk_scale, HEAD_DIM, BLOCK_N, False)
     for start_n in range(n_full, length, TAIL_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, skn, svn, start_n, length, qk_scale, HEAD_DIM, TAIL_N, True)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, s_in, start_n, length, qk_scale, HEAD_DIM, TAIL_N, True)
     acc = acc / l_i[:, None]
     mask_m = offs_m < length
-    tl.store(O + offs_m[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(O + offs_m[:, None] * s_out + offs_d[None, :], acc.to(O.dtype.element_ty), mask=mask_m[:, None])
     tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, K, V, skn, svn, start_n, length, qk_scale,
+def _dq_step(dq, q, do, lse2, delta, K, V, s_in, start_n, length, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """dQ contribution of keys [start_n, start_n + BLOCK_N): dS = P * (dO V^T - delta), dQ += dS K."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    kT = _load_cols(K, offs_n, skn, length, offs_d, MASK)
-    vT = _load_cols(V, offs_n, svn, length, offs_d, MASK)
+    kT = _load_cols(K, offs_n, s_in, length, offs_d, MASK)
+    vT = _load_cols(V, offs_n, s_in, length, offs_d, MASK)
     p = tl.exp2(tl.dot(q, kT) * qk_scale - lse2[:, None])
     if MASK:
         p = tl.where(offs_n[None, :] < length, p, 0.0)
@@ -150,34 +156,35 @@ def _dq_step(dq, q, do, lse2, delta, K, V, skn, svn, start_n, length, qk_scale,
 
 
 @triton.jit
-def _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, sqn, skn, svn, son, sdon, sdqn, start_m, length, scale, qk_scale,
+def _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, s_in, s_out, start_m, length, scale, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
+    """dQ of one query tile; first delta = rowsum(dO * O), stored for the dK/dV kernel."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < length
-    q = _load_rows(Q, offs_m, sqn, length, offs_d, True)
-    do = _load_rows(DO, offs_m, sdon, length, offs_d, True)
-    o = _load_rows(O, offs_m, son, length, offs_d, True)
+    q = _load_rows(Q, offs_m, s_in, length, offs_d, True)
+    do = _load_rows(DO, offs_m, s_out, length, offs_d, True)
+    o = _load_rows(O, offs_m, s_out, length, offs_d, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + offs_m, delta, mask=mask_m)
     lse2 = _load_vec(LSE, offs_m, length, True)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = length // BLOCK_N * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, K, V, skn, svn, start_n, length, qk_scale, HEAD_DIM, BLOCK_N, False)
+        dq = _dq_step(dq, q, do, lse2, delta, K, V, s_in, start_n, length, qk_scale, HEAD_DIM, BLOCK_N, False)
     for start_n in range(n_full, length, TAIL_N):
-        dq = _dq_step(dq, q, do, lse2, delta, K, V, skn, svn, start_n, length, qk_scale, HEAD_DIM, TAIL_N, True)
-    tl.store(DQ + offs_m[:, None] * sdqn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
+        dq = _dq_step(dq, q, do, lse2, delta, K, V, s_in, start_n, length, qk_scale, HEAD_DIM, TAIL_N, True)
+    tl.store(DQ + offs_m[:, None] * s_out + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, sqn, sdon, start_m, length, qk_scale,
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, s_in, s_out, start_m, length, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr):
     """dK/dV contribution of queries [start_m, start_m + BLOCK_M), computed transposed (keys x queries)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    qT = _load_cols(Q, offs_m, sqn, length, offs_d, MASK)
-    do = _load_rows(DO, offs_m, sdon, length, offs_d, MASK)
+    qT = _load_cols(Q, offs_m, s_in, length, offs_d, MASK)
+    do = _load_rows(DO, offs_m, s_out, length, offs_d, MASK)
     lse2 = _load_vec(LSE, offs_m, length, MASK)
     delta = _load_vec(DELTA, offs_m, length, MASK)
     pT = tl.exp2(tl.dot(k, qT) * qk_scale - lse2[None, :])
@@ -190,22 +197,22 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, sqn, sdon, start_m, length, qk_s
 
 
 @triton.jit
-def _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, sqn, skn, svn, sdon, sdkn, sdvn, start_n, length, scale, qk_scale,
+def _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, s_in, s_out, start_n, length, scale, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = _load_rows(K, offs_n, skn, length, offs_d, True)
-    v = _load_rows(V, offs_n, svn, length, offs_d, True)
+    k = _load_rows(K, offs_n, s_in, length, offs_d, True)
+    v = _load_rows(V, offs_n, s_in, length, offs_d, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     m_full = length // BLOCK_M * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, sqn, sdon, start_m, length, qk_scale, HEAD_DIM, BLOCK_M, False)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, s_in, s_out, start_m, length, qk_scale, HEAD_DIM, BLOCK_M, False)
     for start_m in range(m_full, length, TAIL_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, sqn, sdon, start_m, length, qk_scale, HEAD_DIM, TAIL_M, True)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, s_in, s_out, start_m, length, qk_scale, HEAD_DIM, TAIL_M, True)
     mask_n = (offs_n < length)[:, None]
-    tl.store(DK + offs_n[:, None] * sdkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=mask_n)
-    tl.store(DV + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_n)
+    tl.store(DK + offs_n[:, None] * s_out + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=mask_n)
+    tl.store(DV + offs_n[:, None] * s_out + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_n)
 
 
 def _configs(tiles: Sequence[tuple[int, int, int, int]], fits) -> list[triton.Config]:
@@ -244,78 +251,54 @@ def _bwd_fits(bm: int, bn: int, warps: int) -> bool:
 _KEY = ["N", "HEAD_DIM", "IS_VARLEN"]  # the autotuner adds the tensors' dtypes
 
 
+# Kernel arguments: Q, K, V share one layout (strides s_in_*), O, dO, dQ, dK, dV another (s_out_*),
+# LSE and DELTA are fp32 per row (s_lse_*); *_b / *_h / *_n: sequence, head, token strides (elements).
+
+
 @triton.autotune(configs=_configs(_FWD_TILES, _fwd_fits), key=_KEY)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU,
-              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
-              N, qk_scale,
+              s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, N, qk_scale,
               HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
-    t, head, seq = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    start, length = _sequence(CU, seq, N, IS_VARLEN)
-    Q += seq * sqb + head * sqh + start * sqn
-    K += seq * skb + head * skh + start * skn
-    V += seq * svb + head * svh + start * svn
-    O += seq * sob + head * soh + start * son
-    LSE += seq * slb + head * slh + start
+    t, length, in_off, out_off, lse_off = _program(CU, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n,
+                                                   s_lse_b, s_lse_h, IS_VARLEN)
+    Q, K, V, O, LSE = Q + in_off, K + in_off, V + in_off, O + out_off, LSE + lse_off
     start_m, big = _tile_start(t, length, BLOCK_M, TAIL_M)
     if big:
-        _fwd_tile(Q, K, V, O, LSE, sqn, skn, svn, son, start_m, length, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N)
+        _fwd_tile(Q, K, V, O, LSE, s_in_n, s_out_n, start_m, length, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N)
     elif start_m < length:
-        _fwd_tile(Q, K, V, O, LSE, sqn, skn, svn, son, start_m, length, qk_scale, HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
+        _fwd_tile(Q, K, V, O, LSE, s_in_n, s_out_n, start_m, length, qk_scale, HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
 
 
-@triton.autotune(configs=_configs(_BWD_TILES, _bwd_fits), key=_KEY)
+@triton.autotune(configs=_configs(_BWD_TILES, _bwd_fits), key=_KEY + ["DKDV"])
 @triton.jit
-def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, CU,
-                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
-                 slb, slh, N, scale, qk_scale,
-                 HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
-    t, head, seq = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    start, length = _sequence(CU, seq, N, IS_VARLEN)
-    Q += seq * sqb + head * sqh + start * sqn
-    K += seq * skb + head * skh + start * skn
-    V += seq * svb + head * svh + start * svn
-    O += seq * sob + head * soh + start * son
-    DO += seq * sdob + head * sdoh + start * sdon
-    DQ += seq * sdqb + head * sdqh + start * sdqn
-    LSE += seq * slb + head * slh + start
-    DELTA += seq * slb + head * slh + start
-    start_m, big = _tile_start(t, length, BLOCK_M, TAIL_M)
-    if big:
-        _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, sqn, skn, svn, son, sdon, sdqn, start_m, length, scale, qk_scale,
-                 HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N)
-    elif start_m < length:
-        _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, sqn, skn, svn, son, sdon, sdqn, start_m, length, scale, qk_scale,
-                 HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
-
-
-@triton.autotune(configs=_configs(_BWD_TILES, _bwd_fits), key=_KEY)
-@triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                   slb, slh, N, scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
-    # Tiles run over keys here (BLOCK_N, TAIL_N); the inner loop over queries (BLOCK_M, TAIL_M).
-    t, head, seq = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    start, length = _sequence(CU, seq, N, IS_VARLEN)
-    Q += seq * sqb + head * sqh + start * sqn
-    K += seq * skb + head * skh + start * skn
-    V += seq * svb + head * svh + start * svn
-    DO += seq * sdob + head * sdoh + start * sdon
-    DK += seq * sdkb + head * sdkh + start * sdkn
-    DV += seq * sdvb + head * sdvh + start * sdvn
-    LSE += seq * slb + head * slh + start
-    DELTA += seq * slb + head * slh + start
-    start_n, big = _tile_start(t, length, BLOCK_N, TAIL_N)
-    if big:
-        _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, sqn, skn, svn, sdon, sdkn, sdvn, start_n, length, scale, qk_scale,
-                   HEAD_DIM, BLOCK_N, BLOCK_M, TAIL_M)
-    elif start_n < length:
-        _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, sqn, skn, svn, sdon, sdkn, sdvn, start_n, length, scale, qk_scale,
-                   HEAD_DIM, TAIL_N, BLOCK_M, TAIL_M)
+def _attn_bwd(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU,
+              s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, N, scale, qk_scale,
+              HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, DKDV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
+    """Two launches: DKDV=False, one program per query tile, writes delta and dQ; then DKDV=True,
+    one per key tile (BLOCK_N, TAIL_N), loops over queries and writes dK and dV."""
+    t, length, in_off, out_off, lse_off = _program(CU, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n,
+                                                   s_lse_b, s_lse_h, IS_VARLEN)
+    Q, K, V, LSE, DELTA = Q + in_off, K + in_off, V + in_off, LSE + lse_off, DELTA + lse_off
+    O, DO, DQ, DK, DV = O + out_off, DO + out_off, DQ + out_off, DK + out_off, DV + out_off
+    if DKDV:
+        start_n, big = _tile_start(t, length, BLOCK_N, TAIL_N)
+        if big:
+            _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, s_in_n, s_out_n, start_n, length, scale, qk_scale,
+                       HEAD_DIM, BLOCK_N, BLOCK_M, TAIL_M)
+        elif start_n < length:
+            _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, s_in_n, s_out_n, start_n, length, scale, qk_scale,
+                       HEAD_DIM, TAIL_N, BLOCK_M, TAIL_M)
+    else:
+        start_m, big = _tile_start(t, length, BLOCK_M, TAIL_M)
+        if big:
+            _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, s_in_n, s_out_n, start_m, length, scale, qk_scale,
+                     HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N)
+        elif start_m < length:
+            _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, s_in_n, s_out_n, start_m, length, scale, qk_scale,
+                     HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,8 +325,11 @@ def _bhn_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _one_layout(q, k, v):
+    """q, k, v with one set of strides and contiguous rows (timm's q, k, v already have them)."""
+    if q.stride(-1) == 1 and q.stride() == k.stride() == v.stride():
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 def _new_like_timm(q: torch.Tensor, varlen: bool) -> torch.Tensor:
@@ -355,56 +341,44 @@ def _new_like_timm(q: torch.Tensor, varlen: bool) -> torch.Tensor:
     return q.new_empty(B, N, H, D).transpose(1, 2)
 
 
-def _lse_buffer(q: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, tuple[int, int]]:
-    """fp32 per-row buffer, (H, T) packed or (B, H, N) dense, and its (sequence, head) strides."""
+def _launch_args(q: torch.Tensor, out: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int):
+    """An fp32 per-row buffer ((H, T) packed, (B, H, N) dense), the kernels' stride arguments, and
+    (n_seqs, heads, n) for the grid, n being N dense or max_seqlen packed."""
+    varlen = cu_seqlens is not None
     if varlen:
-        buf = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
-        return buf, (0, buf.stride(0))
-    buf = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    return buf, (buf.stride(0), buf.stride(1))
-
-
-def _launch_shape(q: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> tuple[int, int, int]:
-    """(n_seqs, heads, n) for the grid; n is N dense, max_seqlen varlen."""
-    if cu_seqlens is None:
-        return q.shape[0], q.shape[1], q.shape[2]
-    return cu_seqlens.numel() - 1, q.shape[1], max_seqlen
+        rows = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
+        rows_strides, grid = (0, rows.stride(0)), (cu_seqlens.numel() - 1, q.shape[1], max_seqlen)
+    else:
+        rows = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        rows_strides, grid = (rows.stride(0), rows.stride(1)), tuple(q.shape[:3])
+    return rows, (*_bhn_strides(q, varlen), *_bhn_strides(out, varlen), *rows_strides), grid
 
 
 def attention_forward(q, k, v, cu_seqlens, max_seqlen, scale):
-    """Run the forward kernel on q, k, v with contiguous rows (stride 1 along D). Returns out (like q) and, per query row, the base-2 logsumexp of the
-    scores in log2 units, log2 sum_j exp2(q_i . k_j * scale * log2(e)): fp32, (B, H, N) or (H, T)."""
+    """Run the forward kernel on q, k, v laid out by _one_layout. Returns out (like q) and, per query
+    row, the base-2 logsumexp of the scores in log2 units, log2 sum_j exp2(q_i . k_j * scale * log2(e)):
+    fp32, (B, H, N) or (H, T)."""
     varlen = cu_seqlens is not None
     o = _new_like_timm(q, varlen)
-    lse, lse_strides = _lse_buffer(q, varlen)
-    n_seqs, heads, n = _launch_shape(q, cu_seqlens, max_seqlen)
+    lse, strides, (n_seqs, heads, n) = _launch_args(q, o, cu_seqlens, max_seqlen)
     _attn_fwd[_grid(n, heads, n_seqs, varlen, "BLOCK_M", "TAIL_M")](
-        q, k, v, o, lse, cu_seqlens,
-        *_bhn_strides(q, varlen), *_bhn_strides(k, varlen), *_bhn_strides(v, varlen), *_bhn_strides(o, varlen),
-        *lse_strides, n, scale * LOG2E, HEAD_DIM=q.shape[-1], IS_VARLEN=varlen,
+        q, k, v, o, lse, cu_seqlens, *strides, n, scale * LOG2E, HEAD_DIM=q.shape[-1], IS_VARLEN=varlen,
     )
     return o, lse
 
 
 def attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
-    """Run the two backward kernels: returns (dq, dk, dv) shaped like q."""
+    """Run the two backward kernels: returns (dq, dk, dv) shaped like q, laid out like o."""
     varlen = cu_seqlens is not None
-    do = _rows_contiguous(do)
-    dq, dk, dv = (_new_like_timm(q, varlen) for _ in range(3))
-    delta, lse_strides = _lse_buffer(q, varlen)
-    n_seqs, heads, n = _launch_shape(q, cu_seqlens, max_seqlen)
-    strides = {name: _bhn_strides(t, varlen) for name, t in dict(q=q, k=k, v=v, o=o, do=do, dq=dq, dk=dk, dv=dv).items()}
-    common = dict(N=n, scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=q.shape[-1], IS_VARLEN=varlen)
-    _attn_bwd_dq[_grid(n, heads, n_seqs, varlen, "BLOCK_M", "TAIL_M")](
-        q, k, v, o, do, dq, lse, delta, cu_seqlens,
-        *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"], *strides["dq"], *lse_strides,
-        **common,
-    )
-    _attn_bwd_dkdv[_grid(n, heads, n_seqs, varlen, "BLOCK_N", "TAIL_N")](
-        q, k, v, do, dk, dv, lse, delta, cu_seqlens,
-        *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dk"], *strides["dv"], *lse_strides,
-        **common,
-    )
+    if do.stride() != o.stride():
+        do = torch.empty_like(o).copy_(do)  # empty_like keeps o's (dense, non-overlapping) strides
+    dq, dk, dv = (torch.empty_like(o) for _ in range(3))
+    delta, strides, (n_seqs, heads, n) = _launch_args(q, o, cu_seqlens, max_seqlen)
+    for dkdv, block, tail in ((False, "BLOCK_M", "TAIL_M"), (True, "BLOCK_N", "TAIL_N")):
+        _attn_bwd[_grid(n, heads, n_seqs, varlen, block, tail)](
+            q, k, v, o, do, dq, dk, dv, lse, delta, cu_seqlens, *strides, n, scale, scale * LOG2E,
+            HEAD_DIM=q.shape[-1], IS_VARLEN=varlen, DKDV=dkdv,
+        )
     return dq, dk, dv
 
 
@@ -414,7 +388,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+        q, k, v = _one_layout(q, k, v)
         o, lse = attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
@@ -611,8 +585,20 @@ def is_timm_attention(module: torch.nn.Module) -> bool:
     )
 
 
-def _timm_attention_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-    """timm's Attention.forward with the attention product run by dinotron (bound by swap_timm_attention)."""
+class SwappedForward:
+    """The forward that swap_timm_attention installs on a timm Attention: a picklable callable
+    (torch.save of a whole model and copy.deepcopy keep it, rebound to the copy)."""
+
+    def __init__(self, module: torch.nn.Module, backend: str | None):
+        self.module, self.backend = module, backend
+
+    def __call__(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        return _timm_attention_forward(self.module, x, attn_mask, is_causal, self.backend)
+
+
+def _timm_attention_forward(self, x, attn_mask, is_causal, backend) -> torch.Tensor:
+    """timm's Attention.forward (timm 1.0.x: q/k norms, optional scale norm and gate) with the
+    attention product run by dinotron."""
     packing = _PACKING.get()
     if attn_mask is not None or is_causal or (self.training and self.attn_drop.p > 0):
         if packing is not None:
@@ -625,7 +611,6 @@ def _timm_attention_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Non
     H = self.num_heads
     D = getattr(self, "head_dim", self.qkv.out_features // (3 * H))
     scale = getattr(self, "scale", D ** -0.5)
-    backend = self.dinotron_backend
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
     qkv = self.qkv(x)
     if packing is None:
@@ -654,11 +639,12 @@ def _timm_attention_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Non
 def swap_timm_attention(model: torch.nn.Module, enable: bool = True, backend: str | None = None) -> torch.nn.Module:
     """Make every timm ViT Attention in `model` use dinotron attention (enable=False restores timm's).
 
-    Patches the modules' forward in place; parameters, buffers and state_dict keys are untouched,
-    so checkpoints stay loadable by plain timm, and copy.deepcopy (an EMA teacher) keeps the swap.
+    Sets each module's forward (an instance attribute, SwappedForward); parameters, buffers and
+    state_dict keys are untouched, so checkpoints stay loadable by plain timm; copy.deepcopy (an
+    EMA teacher) and pickling keep the swap.
     Where the kernel does not apply (CPU, float32 without autocast, D not in {64, 128}) the module
     runs torch's scaled_dot_product_attention; with attn_mask, is_causal or attention dropout
-    in training it runs timm's own forward. backend: as `attention`'s, stored on each module.
+    in training it runs timm's own forward. backend: as `attention`'s, for these modules.
     Raises ValueError if enable=True and the model has no timm Attention. Returns `model`.
     """
     modules = [m for m in model.modules() if is_timm_attention(m)]
@@ -668,14 +654,11 @@ def swap_timm_attention(model: torch.nn.Module, enable: bool = True, backend: st
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     for m in modules:
         if enable:
-            m.forward = types.MethodType(_timm_attention_forward, m)
-            m.dinotron_backend = backend
+            m.forward = SwappedForward(m, backend)
         elif is_swapped(m):
             del m.forward
-            del m.dinotron_backend
     return model
 
 
 def is_swapped(module: torch.nn.Module) -> bool:
-    forward = vars(module).get("forward")
-    return isinstance(forward, types.MethodType) and forward.__func__ is _timm_attention_forward
+    return isinstance(vars(module).get("forward"), SwappedForward)

@@ -5,6 +5,7 @@ take fp16/bf16 and accumulate in fp32; the oracle is the fp32 reference on the s
 Tolerances: fp16 output/gradients atol 4e-3, rtol 1e-2 (observed ~1e-3); bf16 atol 3e-2, rtol 3e-2.
 """
 import copy
+import io
 import math
 import os
 import subprocess
@@ -226,7 +227,12 @@ def test_swap_timm_attention_fallback_matches_timm_and_restores():
     assert list(model.state_dict()) == keys
     assert_all_close(forward_and_grads(model, x), expected, atol=1e-5, rtol=1e-5)
     teacher = copy.deepcopy(model)  # an EMA teacher keeps the swap, bound to its own modules
-    assert teacher.blocks[0].attn.forward.__self__ is teacher.blocks[0].attn
+    assert teacher.blocks[0].attn.forward.module is teacher.blocks[0].attn
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert is_swapped(loaded.blocks[1].attn) and loaded.blocks[1].attn.forward.module is loaded.blocks[1].attn
     swap_timm_attention(model, enable=False)
     assert not any(is_swapped(m) for m in model.modules())
     assert_all_close(forward_and_grads(model, x), expected, atol=0, rtol=0)
@@ -315,10 +321,11 @@ from triton.compiler import ASTSource
 import dinotron.kernels.flash_attention as fa
 
 POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
-variants = [(fa._attn_fwd, "fp16", False), (fa._attn_bwd_dq, "bf16", True), (fa._attn_bwd_dkdv, "fp16", True)]
-for kernel, dtype, varlen in variants:
+variants = [(fa._attn_fwd, "fp16", False, {}), (fa._attn_bwd, "bf16", True, {"DKDV": False}),
+            (fa._attn_bwd, "fp16", True, {"DKDV": True})]
+for kernel, dtype, varlen, extra in variants:
     config, head_dim = kernel.configs[0], 64
-    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, IS_VARLEN=varlen)
+    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, IS_VARLEN=varlen, **extra)
     if not varlen:
         constexprs["CU"] = None
     jit = kernel.fn
@@ -332,7 +339,7 @@ for kernel, dtype, varlen in variants:
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     assert compiled.asm["cubin"], jit.__name__
-    print(jit.__name__, dtype, "varlen" if varlen else "dense", "ok")
+    print(jit.__name__, extra, dtype, "varlen" if varlen else "dense", "ok")
 """
 
 
