@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     add_speedups(rows, ours="dinotron")
     dinotron_path = "triton kernels" if on_cuda and args.dtype != torch.float32 else "eager reference (fallback)"
     extra = {"dtype": str(args.dtype).removeprefix("torch."), "dinotron_path": dinotron_path, "skipped": skipped}
-    save("attention", rows, device, extra=extra)
+    save("attention", rows, device, metric="tflops", extra=extra)
     return 0
 
 
