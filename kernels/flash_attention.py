@@ -2,14 +2,16 @@
 
 softmax(q @ k^T * scale) @ v without an N x N matrix in memory. The forward streams K/V blocks with
 an online softmax and saves the logsumexp per query row (fp32); the backward recomputes the
-probabilities block by block (one kernel for dQ, which also computes delta = rowsum(dO * O), then
-one for dK/dV). fp16/bf16 inputs, fp32 accumulation, head dim D in {64, 128}, any sequence length.
+probabilities block by block in two launches (dQ per query tile, which also stores
+delta = rowsum(dO * O); then dK, dV per key tile). fp16/bf16 inputs, fp32 accumulation, head dim
+D in {64, 128}, any sequence length.
 
 Ragged edges: ViT sequences are 257 (global crop), 50 (local crop) or 1370 tokens, so a plain
 tiling wastes up to a third of a launch on a last tile that holds one row. Here each sequence is
 covered by L // BLOCK tiles of BLOCK rows and then by TAIL-row tiles (TAIL = 16 or 32), in the
-grid (query tiles) and in the inner loops (key tiles) alike: a 257-token head runs two 128-row
-tiles and one 16-row tile, and its key loop two 128-key blocks and one 16-key block.
+grid (query tiles) and in the inner loops (key tiles) alike: with BLOCK_M = 128, BLOCK_N = 64 and
+TAILs of 16, a 257-token head runs two 128-row tiles and one 16-row tile, each looping over four
+64-key blocks and one 16-key block. The autotuner picks the sizes per sequence length.
 
 Varlen (as flash-attn's varlen API and xformers' BlockDiagonalMask): q/k/v (total_tokens, H, D)
 with int32 offsets cu_seqlens (n_seqs + 1,); each sequence attends only to itself, so a step's global
@@ -230,16 +232,16 @@ def _configs(tiles: Sequence[tuple[int, int, int, int]], fits) -> list[triton.Co
     ]
 
 
-# The first pair tiles a 257-token head as 2 x 128 + 16 rows; TAIL == BLOCK is plain masked tiling.
+# (BLOCK_M, BLOCK_N, TAIL_M, TAIL_N); TAIL == BLOCK is plain masked tiling.
 _FWD_TILES = [(128, 64, 16, 16), (128, 128, 16, 32), (128, 32, 16, 16), (64, 64, 16, 16), (64, 32, 16, 16),
               (64, 64, 64, 64), (128, 64, 128, 64), (32, 32, 16, 16)]
 _BWD_TILES = [(64, 64, 16, 16), (64, 128, 16, 16), (32, 64, 16, 16), (32, 128, 16, 32), (128, 64, 16, 16),
               (64, 64, 64, 64), (32, 32, 16, 16)]
 
 
-# Register budgets, from ptxas on sm_90 (Triton 3.6, D=64): with 4 warps the forward spills past a
-# 128 x 64 tile, the backward (more live tiles: q, k, v, dO and fp32 dq or dk+dv) past 64 x 64;
-# 8 warps only pay off on the larger tiles.
+# Register budgets, from ptxas on sm_90 (Triton 3.6, D=64, no GPU run): with 4 warps the forward
+# spills past a 128 x 64 tile, the backward (more live tiles: q, k, v, dO and fp32 dq or dk + dv)
+# past 64 x 64; 8 warps are only tried on the larger tiles.
 def _fwd_fits(bm: int, bn: int, warps: int) -> bool:
     return bm * bn <= 128 * 64 and bn <= 64 if warps == 4 else bm * bn >= 128 * 64
 
