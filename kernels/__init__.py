@@ -3,10 +3,16 @@
 Importing this package pulls in torch (and triton where kernels exist), never DALI, timm or
 webdataset, so the losses can be dropped into any training loop.
 """
+from dinotron.kernels.flash_attention import (
+    attention,
+    attention_varlen,
+    make_cu_seqlens,
+    packed_sequences,
+    swap_timm_attention,
+)
 from dinotron.kernels.backend import resolve_backend
 from dinotron.kernels.koleo import KoLeoLoss, koleo_loss
 from dinotron.kernels.reference import (
-    attention,
     dino_loss,
     ibot_patch_loss,
     sinkhorn_knopp_teacher,
@@ -17,11 +23,15 @@ from dinotron.kernels.reference import (
 __all__ = [
     "KoLeoLoss",
     "attention",
+    "attention_varlen",
     "dino_loss",
     "ibot_patch_loss",
     "koleo_loss",
+    "make_cu_seqlens",
+    "packed_sequences",
     "resolve_backend",
     "sinkhorn_knopp_teacher",
     "softmax_center_teacher",
+    "swap_timm_attention",
     "update_center",
 ]

@@ -64,3 +64,35 @@ def stack_views(name: str, views) -> torch.Tensor:
     check_nonempty(name, stacked, 0)
     check_nonempty(name, stacked, 1)
     return stacked
+
+
+def check_qkv(q, k, v, layout: str) -> None:
+    """q, k, v: tensors of one shape on one device, with as many dims as `layout` names, e.g. "(B, H, N, D)"."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=layout.count(",") + 1)
+    check_same_device(q=q, k=k, v=v)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one {layout} shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int | None = None) -> list[int]:
+    """Check packed-sequence offsets (flash-attn's varlen convention) and return them as ints.
+
+    cu_seqlens: 1-D integer tensor (n_seqs + 1,), starting at 0, non-decreasing, ending at
+    total_tokens if given; max_seqlen: an int >= every cu_seqlens[i + 1] - cu_seqlens[i].
+    Reads the offsets on the host.
+    """
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, floating=False)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be an int32 (or int64) tensor of offsets, got {cu_seqlens.dtype}")
+    offsets = cu_seqlens.tolist()
+    if len(offsets) < 2 or offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and hold n_seqs + 1 >= 2 offsets, got {offsets[:8]}")
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got a step of {min(lengths)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < max(lengths):
+        raise ValueError(f"max_seqlen must be an int >= the longest sequence ({max(lengths)}), got {max_seqlen!r}")
+    if total_tokens is not None and offsets[-1] != total_tokens:
+        raise ValueError(f"cu_seqlens ends at {offsets[-1]} but the packed tensors hold {total_tokens} tokens")
+    return offsets

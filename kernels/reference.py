@@ -6,6 +6,7 @@ The torch.distributed-aware ops reduce across ranks when a process group is init
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -13,8 +14,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dinotron.kernels.checks import (
+    check_cu_seqlens,
     check_nonempty,
     check_positive,
+    check_qkv,
     check_same_device,
     check_tensor,
     stack_views,
@@ -267,12 +270,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
     q, k, v: (B, H, N, D), any float dtype; scale defaults to D ** -0.5. Returns (B, H, N, D) in q's dtype.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-    check_same_device(q=q, k=k, v=v)
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one (B, H, N, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_qkv(q, k, v, "(B, H, N, D)")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale
     return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+
+
+def attention_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None = None
+) -> torch.Tensor:
+    """Block-diagonal attention over packed sequences: `attention` within each sequence.
+
+    q, k, v: (total_tokens, H, D); sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1]
+    (cu_seqlens: (n_seqs + 1,) int32 offsets from 0 to total_tokens, max_seqlen >= every length).
+    Each run of consecutive equal-length sequences is one batched call. Returns (total_tokens, H, D) in q's dtype.
+    """
+    check_qkv(q, k, v, "(total_tokens, H, D)")
+    offsets = check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens=q.shape[0])
+    outs = []
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    for length, run in itertools.groupby(zip(offsets, lengths), key=lambda pair: pair[1]):
+        start, count = next(run)[0], 1 + sum(1 for _ in run)
+        if length > 0:  # a run of `count` sequences of one length is a (count, length, H, D) view
+            q_b, k_b, v_b = (t[start:start + count * length].unflatten(0, (count, length)).transpose(1, 2) for t in (q, k, v))
+            outs.append(attention(q_b, k_b, v_b, scale).transpose(1, 2).flatten(0, 1))
+    return torch.cat(outs) if outs else torch.zeros_like(q)

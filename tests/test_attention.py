@@ -1,0 +1,396 @@
+"""Memory-efficient attention (kernels/flash_attention.py) against the eager reference, and its timm integration.
+
+On CPU the Triton kernels run in the interpreter (backend="triton"); shapes stay small. The kernels
+take fp16/bf16 and accumulate in fp32; the oracle is the fp32 reference on the same (rounded) inputs.
+Tolerances: fp16 output/gradients atol 4e-3, rtol 1e-2 (observed ~1e-3); bf16 atol 3e-2, rtol 3e-2.
+"""
+import copy
+import io
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from dinotron.kernels import (
+    attention,
+    attention_varlen,
+    make_cu_seqlens,
+    packed_sequences,
+    reference,
+    swap_timm_attention,
+)
+from dinotron.kernels.flash_attention import attention_forward, is_swapped, is_timm_attention, num_tiles
+
+TOL = {torch.float16: dict(atol=4e-3, rtol=1e-2), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def qkv_inputs(shape, dtype=torch.float16, device="cpu"):
+    return [torch.randn(shape, device=device).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def value_and_grads(fn, inputs, grad_out=None):
+    """fn(*inputs) and the gradients of <fn(*inputs), grad_out> w.r.t. inputs."""
+    out = fn(*inputs)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    return out, torch.autograd.grad(out, inputs, grad_out), grad_out
+
+
+def upcast(inputs):
+    return [t.detach().float().requires_grad_() for t in inputs]
+
+
+def assert_all_close(actual, expected, **tol):
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.float(), e.float(), **tol)
+
+
+def check_against_reference(inputs, dtype, fn, ref_fn):
+    out, grads, grad_out = value_and_grads(fn, inputs)
+    ref_out, ref_grads, _ = value_and_grads(ref_fn, upcast(inputs), grad_out.float())
+    assert out.dtype == dtype
+    assert_all_close([out, *grads], [ref_out, *ref_grads], **TOL[dtype])
+
+
+@pytest.mark.parametrize("B,H,N", [(2, 1, 1), (2, 2, 50), (1, 2, 65), (1, 2, 257)])
+def test_forward_and_gradients_match_reference(B, H, N):
+    inputs = qkv_inputs((B, H, N, 64))
+    check_against_reference(inputs, torch.float16, lambda q, k, v: attention(q, k, v, backend="triton"), reference.attention)
+    q, k, v = (t.detach() for t in inputs)
+    _, lse2 = attention_forward(q, k, v, None, N, 64 ** -0.5)
+    expected = torch.logsumexp(q.float() @ k.float().transpose(-2, -1) * 64 ** -0.5, dim=-1)
+    torch.testing.assert_close(lse2 * math.log(2), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_head_dim_128_and_explicit_scale():
+    inputs = qkv_inputs((1, 1, 50, 128))
+    check_against_reference(
+        inputs, torch.float16, lambda q, k, v: attention(q, k, v, scale=0.05, backend="triton"),
+        lambda q, k, v: reference.attention(q, k, v, scale=0.05),
+    )
+
+
+def test_bfloat16_is_refused_by_the_interpreter():
+    """The interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584): bf16
+    runs on the GPU only (test_gpu_*), never silently wrong on CPU."""
+    q = torch.randn(1, 1, 16, 64).bfloat16()
+    with pytest.raises(ValueError, match="bfloat16"):
+        attention(q, q, q, backend="triton")
+    torch.testing.assert_close(attention(q, q, q), reference.attention(q, q, q))
+
+
+def test_timm_layout_inputs_strided_grad_and_output_layout():
+    """q, k as timm makes them (views into one (B, N, 2, H, D) tensor), v with D strided (a transposed
+    (B, H, D, N) tensor), an expanded (stride-0) output gradient, and the output laid out
+    (B, N, H, D) so that timm's transpose + reshape is free."""
+    B, N, H, D = 2, 33, 2, 64
+    qk = torch.randn(B, N, 2, H, D).half().requires_grad_()
+    v_t = torch.randn(B, H, D, N).half().requires_grad_()
+    out = attention(*qk.permute(2, 0, 3, 1, 4).unbind(0), v_t.transpose(2, 3), backend="triton")
+    assert out.transpose(1, 2).is_contiguous()
+    out.float().sum().backward()
+    ref_qk, ref_v_t = (t.detach().float().requires_grad_() for t in (qk, v_t))
+    reference.attention(*ref_qk.permute(2, 0, 3, 1, 4).unbind(0), ref_v_t.transpose(2, 3)).sum().backward()
+    assert_all_close([qk.grad, v_t.grad], [ref_qk.grad, ref_v_t.grad], **TOL[torch.float16])
+
+
+def test_varlen_matches_per_sequence_calls():
+    lengths = [65, 17, 0, 1, 50]
+    cu_seqlens, max_seqlen = make_cu_seqlens(lengths)
+    assert cu_seqlens.tolist() == [0, 65, 82, 82, 83, 133] and max_seqlen == 65
+    inputs = qkv_inputs((sum(lengths), 2, 64))
+    # a max_seqlen above the longest sequence only launches idle tiles
+    out, grads, grad_out = value_and_grads(
+        lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, 100, backend="triton"), inputs
+    )
+    bounds = cu_seqlens.tolist()
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if a == b:
+            continue
+        per_seq = [t.detach()[a:b].transpose(0, 1)[None].requires_grad_() for t in inputs]  # (1, H, L, D)
+        backend = "triton" if i < 2 else "eager"  # two through our dense kernel, the rest through the reference
+        seq_out, seq_grads, _ = value_and_grads(
+            lambda q, k, v: attention(q, k, v, backend=backend), per_seq, grad_out[a:b].transpose(0, 1)[None]
+        )
+        expected = [t[0].transpose(0, 1) for t in (seq_out, *seq_grads)]
+        assert_all_close([out[a:b], *(g[a:b] for g in grads)], expected, **TOL[torch.float16])
+
+
+def test_varlen_reference_matches_per_sequence_reference():
+    lengths = [7, 3, 7, 0, 1]
+    cu_seqlens, max_seqlen = make_cu_seqlens(lengths)
+    q, k, v = (torch.randn(sum(lengths), 3, 16) for _ in range(3))
+    out = reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=0.3)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds, bounds[1:]):
+        if a < b:
+            seq = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]
+            torch.testing.assert_close(out[a:b], reference.attention(*seq, scale=0.3)[0].transpose(0, 1))
+
+
+def test_num_tiles_covers_every_sequence():
+    for block, tail in [(64, 16), (128, 16), (128, 32), (64, 64)]:
+        def needed(length):  # big tiles, then tail tiles until every row is covered
+            n_big = length // block
+            return n_big + -(-(length - n_big * block) // tail)
+
+        for n in range(1, 300):
+            assert num_tiles(n, block, tail, varlen=False) == needed(n)
+            assert all(needed(length) <= num_tiles(n, block, tail, varlen=True) for length in range(n + 1)), (block, tail, n)
+
+
+def test_eager_fallback_and_autocast():
+    q, k, v = (torch.randn(2, 2, 9, 48) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v), reference.attention(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(attention(q, k, v, backend="eager"), reference.attention(q, k, v), rtol=0, atol=0)
+    inputs = qkv_inputs((1, 2, 20, 64), torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = attention(*inputs, backend="triton")
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), reference.attention(*(t.half().float() for t in inputs)), **TOL[torch.float16])
+
+
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    q = torch.randn(1, 2, 8, 64).half()
+    with pytest.raises(ValueError, match="share one"):
+        attention(q, q, q[:, :, :4])
+    with pytest.raises(ValueError, match="4-D"):
+        attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="float32"):
+        attention(q.float(), q.float(), q.float(), backend="triton")
+    with pytest.raises(ValueError, match="D=48"):
+        attention(q[..., :48], q[..., :48], q[..., :48], backend="triton")
+    with pytest.raises(ValueError, match="scale"):
+        attention(q, q, q, scale=0.0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        attention(q, q, q, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    t = torch.randn(10, 2, 64).half()
+    cases = [
+        (torch.tensor([0.0, 10.0]), 10, "int32"),
+        (torch.tensor([1, 10], dtype=torch.int32), 10, "start at 0"),
+        (torch.tensor([0, 6, 4, 10], dtype=torch.int32), 10, "non-decreasing"),
+        (torch.tensor([0, 4, 9], dtype=torch.int32), 10, "ends at 9"),
+        (torch.tensor([0, 4, 10], dtype=torch.int32), 5, "max_seqlen"),
+        (torch.tensor([[0, 10]], dtype=torch.int32), 10, "1-D"),
+    ]
+    for cu_seqlens, max_seqlen, message in cases:
+        with pytest.raises(ValueError, match=message):
+            attention_varlen(t, t, t, cu_seqlens, max_seqlen, backend="triton")
+    with pytest.raises(ValueError, match="3-D"):
+        attention_varlen(q, q, q, [0, 8], 8)
+    with pytest.raises(ValueError, match="seq_lengths"):
+        make_cu_seqlens([])
+
+
+# --- timm integration -----------------------------------------------------------------------------
+
+
+def small_vit(**kwargs):
+    return timm.models.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=0, init_values=1e-1, **kwargs
+    )
+
+
+def assert_close_scaled(actual, expected, tol):
+    """|a - e| <= tol * max(|e|_max, 0.1) per tensor: low-precision runs differ in rounding, and
+    k_norm's bias has an exactly-zero gradient (softmax is shift-invariant) that both sides
+    only approximate, hence the floor."""
+    for a, e in zip(actual, expected):
+        scale = max(e.float().abs().max().item(), 0.1)
+        torch.testing.assert_close(a.float(), e.float(), atol=tol * scale, rtol=0)
+
+
+def forward_and_grads(model, x):
+    """Output and the gradients of a fixed projection of it w.r.t. the input and every parameter."""
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    loss = (out.float() * weight).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [out, *torch.autograd.grad(loss, [x, *params])]
+
+
+def test_swap_timm_attention_fallback_matches_timm_and_restores():
+    model = small_vit(reg_tokens=4)
+    x = torch.randn(2, 3, 32, 32)
+    keys = list(model.state_dict())
+    expected = forward_and_grads(model, x)
+    swap_timm_attention(model)
+    assert all(is_swapped(blk.attn) for blk in model.blocks)
+    assert list(model.state_dict()) == keys
+    assert_all_close(forward_and_grads(model, x), expected, atol=1e-5, rtol=1e-5)
+    teacher = copy.deepcopy(model)  # an EMA teacher keeps the swap, bound to its own modules
+    assert teacher.blocks[0].attn.forward.module is teacher.blocks[0].attn
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert is_swapped(loaded.blocks[1].attn) and loaded.blocks[1].attn.forward.module is loaded.blocks[1].attn
+    swap_timm_attention(model, enable=False)
+    assert not any(is_swapped(m) for m in model.modules())
+    assert_all_close(forward_and_grads(model, x), expected, atol=0, rtol=0)
+
+
+def test_swap_timm_attention_triton_matches_timm_under_autocast():
+    model = small_vit(qk_norm=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        expected = forward_and_grads(model, x)
+        swap_timm_attention(model, backend="triton")
+        actual = forward_and_grads(model, x)
+    assert actual[0].dtype == expected[0].dtype
+    assert_close_scaled(actual, expected, 1e-2)
+
+
+def test_swap_keeps_timm_paths_for_masks_and_dropout():
+    attn = small_vit().blocks[0].attn
+    x = torch.randn(2, 5, 128)
+    mask = torch.rand(2, 1, 5, 5) > 0.3
+    mask[..., 0] = True
+    expected = attn(x, attn_mask=mask)
+    swap_timm_attention(attn)
+    torch.testing.assert_close(attn(x, attn_mask=mask), expected)
+    attn.attn_drop.p = 0.5
+    attn.train()
+    torch.manual_seed(3)
+    dropped = attn(x)
+    swap_timm_attention(attn, enable=False)
+    torch.manual_seed(3)
+    torch.testing.assert_close(dropped, attn(x))
+
+
+def test_swap_only_touches_timm_vit_attention():
+    class Attention(nn.Module):  # the attributes of timm's, but not its forward
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+            self.q_norm = self.k_norm = nn.Identity()
+            self.attn_drop, self.proj_drop, self.num_heads = nn.Dropout(0.0), nn.Dropout(0.0), 1
+
+    assert not is_timm_attention(Attention())
+    with pytest.raises(ValueError, match="no timm ViT Attention"):
+        swap_timm_attention(nn.Sequential(Attention()))
+    with pytest.raises(ValueError, match="backend"):
+        swap_timm_attention(small_vit(), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_packed_global_and_local_crops_match_separate_batches(backend):
+    """The trainer's packing: blocks on [global crops | local crops] tokens in one (1, T, C) sequence
+    under packed_sequences equal the blocks on each crop batch, values and gradients."""
+    model = small_vit(qk_norm=True)
+    swap_timm_attention(model, backend=backend)
+    blocks = model.blocks
+    n_global, n_local, C = 2, 3, 128
+    global_tokens = torch.randn(n_global, 21, C).requires_grad_()  # 16 patches + cls + 4 registers
+    local_tokens = torch.randn(n_local, 9, C).requires_grad_()
+    weight = torch.randn(n_global * 21 + n_local * 9, C)
+    params = list(blocks.parameters())
+    autocast = torch.autocast("cpu", dtype=torch.float16, enabled=backend == "triton")
+
+    with autocast:
+        separate = torch.cat([blocks(global_tokens).flatten(0, 1), blocks(local_tokens).flatten(0, 1)])
+    expected = [separate, *torch.autograd.grad((separate.float() * weight).sum(), [global_tokens, local_tokens, *params])]
+
+    cu_seqlens, max_seqlen = make_cu_seqlens([21] * n_global + [9] * n_local)
+    packed_in = torch.cat([global_tokens.flatten(0, 1), local_tokens.flatten(0, 1)])[None]
+    with autocast, packed_sequences(cu_seqlens, max_seqlen):
+        packed = blocks(packed_in)[0]
+        with pytest.raises(ValueError, match=r"expects x of shape \(1, 69, C\)"):
+            blocks(global_tokens)
+    actual = [packed, *torch.autograd.grad((packed.float() * weight).sum(), [global_tokens, local_tokens, *params])]
+    assert_all_close(actual, expected, atol=2e-3, rtol=1e-2)
+
+
+# --- compiled kernels --------------------------------------------------------------------------------
+
+# Lowers each kernel (first autotune config; dense or varlen, fp16 or bf16) to an sm_90 cubin with Triton's compiler and ptxas, no GPU
+# needed: the interpreter accepts code the compiler rejects (non-constexpr globals, type mismatches).
+COMPILE_SCRIPT = """
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import dinotron.kernels.flash_attention as fa
+
+POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
+variants = [(fa._attn_fwd, "fp16", False, {}), (fa._attn_bwd, "bf16", True, {"DKDV": False}),
+            (fa._attn_bwd, "fp16", True, {"DKDV": True})]
+for kernel, dtype, varlen, extra in variants:
+    config, head_dim = kernel.configs[0], 64
+    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, IS_VARLEN=varlen, **extra)
+    if not varlen:
+        constexprs["CU"] = None
+    jit = kernel.fn
+    names = list(inspect.signature(jit.fn).parameters)
+    signature = {
+        n: "constexpr" if n in constexprs else "*i32" if n == "CU" else "*fp32" if n in ("LSE", "DELTA")
+        else f"*{dtype}" if n in POINTERS else "fp32" if n.endswith("scale") else "i32"
+        for n in names
+    }
+    src = ASTSource(jit, signature, {(names.index(n),): v for n, v in constexprs.items()})
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert compiled.asm["cubin"], jit.__name__
+    print(jit.__name__, extra, dtype, "varlen" if varlen else "dense", "ok")
+"""
+
+
+def test_kernels_compile_for_h100():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count(" ok") == 3, proc.stdout
+
+
+# --- on a CUDA GPU ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,N,D", [(4, 6, 257, 64), (16, 6, 50, 64), (2, 16, 1370, 64), (2, 4, 257, 128), (3, 2, 1, 64)])
+def test_gpu_forward_and_gradients(dtype, B, H, N, D):
+    inputs = qkv_inputs((B, H, N, D), dtype, "cuda")
+    check_against_reference(inputs, dtype, attention, reference.attention)
+
+
+@pytest.mark.gpu
+def test_gpu_packed_global_and_local_crops():
+    lengths = [257] * 4 + [50] * 16 + [1, 0, 130]
+    cu_seqlens, max_seqlen = make_cu_seqlens(lengths)
+    inputs = qkv_inputs((sum(lengths), 6, 64), torch.bfloat16, "cuda")
+    check_against_reference(
+        inputs, torch.bfloat16, lambda q, k, v: attention_varlen(q, k, v, cu_seqlens.cuda(), max_seqlen),
+        lambda q, k, v: reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen),
+    )
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_sequence_length():
+    N = 16384  # an N x N fp16 score matrix alone would take 512 MiB
+    q, k, v = qkv_inputs((1, 1, N, 64), torch.float16, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = attention(q, k, v)
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    torch.cuda.synchronize()
+    assert (torch.cuda.max_memory_allocated() - before) / 2**20 < 32
+
+
+@pytest.mark.gpu
+def test_gpu_swapped_timm_vit_matches_timm():
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=98, num_classes=0).cuda()
+    x = torch.randn(4, 3, 98, 98, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = forward_and_grads(model, x)
+        swap_timm_attention(model)
+        actual = forward_and_grads(model, x)
+    assert_close_scaled(actual, expected, 3e-2)
