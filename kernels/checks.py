@@ -123,9 +123,9 @@ def check_ibot_loss_input(
     return flat
 
 
-def check_finite_result(name: str, value: torch.Tensor, inputs: str) -> None:
-    """ValueError if `value`, computed from `inputs`, holds NaN or inf. One device-to-host sync."""
-    if not bool(torch.isfinite(value).all()):
+def check_finite_result(name: str, inputs: str, *values: torch.Tensor) -> None:
+    """ValueError if any of `values`, computed from `inputs`, holds NaN or inf. One device-to-host sync."""
+    if not bool(torch.stack([torch.isfinite(v).all() for v in values]).all()):
         raise ValueError(f"{name} is not finite: {inputs} hold NaN or inf (pass check_finite=False to skip this check)")
 
 

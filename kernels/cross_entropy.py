@@ -292,7 +292,7 @@ def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: flo
         targets = TeacherTargets(view_table(teacher))
         loss = fused_dino_loss(student_logits_per_view, student, targets, n_pairs, student_temp, reduction)
     if check_finite:
-        check_finite_result("dino_loss", loss.detach(), "student_logits_per_view or teacher_probs_per_view")
+        check_finite_result("dino_loss", "student_logits_per_view or teacher_probs_per_view", loss.detach())
     return loss
 
 
@@ -315,7 +315,7 @@ def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: tor
             s, t = s[flat], t[flat]
         loss = fused_ibot_loss(s, TeacherTargets(view_table([t])), flat, student_temp)
     if check_finite:
-        check_finite_result("ibot_patch_loss", loss.detach(), "student_patch_logits or teacher_patch_probs")
+        check_finite_result("ibot_patch_loss", "student_patch_logits or teacher_patch_probs", loss.detach())
     return loss
 
 
@@ -351,7 +351,8 @@ class _CenteredTeacher(nn.Module):
 
     def _finish(self, name: str, loss: torch.Tensor, new_center: torch.Tensor | None) -> torch.Tensor:
         if self.check_finite:
-            check_finite_result(name, loss.detach(), "the student or teacher outputs (or the centre)")
+            centre = [] if new_center is None else [new_center]
+            check_finite_result(name, "the student or teacher outputs (or the centre)", loss.detach(), *centre)
         if new_center is not None:
             self.center.copy_(new_center)
         return loss

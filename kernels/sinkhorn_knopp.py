@@ -96,5 +96,5 @@ def sinkhorn_knopp_teacher(
         targets, probs = sinkhorn_knopp_targets(rows_table(teacher_logits), teacher_temp, n_iterations, write_probs=True)
         finite = targets.row_lse
     if check_finite:
-        check_finite_result("sinkhorn_knopp_teacher", finite, "teacher_logits")
+        check_finite_result("sinkhorn_knopp_teacher", "teacher_logits", finite)
     return probs

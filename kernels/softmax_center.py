@@ -4,8 +4,9 @@
     c_new   = momentum * c + (1 - momentum) * mean_r x[r, k]      (mean over all ranks' rows)
 
 One program takes BLOCK_R teacher rows: it streams their K columns once with an online max/sum
-(the row's log-sum-exp), and on the same tiles sums the raw logits over its rows into one row of a
-(programs, K) float32 partial; a second small kernel sums the partials and applies the EMA. With
+(the row's log-sum-exp), and on the same tiles adds the column sums of its rows into one float32
+K-vector (atomic adds: the order of the R / BLOCK_R additions per column, hence the last bits of
+the centre, may vary between runs); a second small kernel applies the EMA. With
 probabilities requested the program reads its rows a second time (from L2) to write them; the fused
 DINO/iBOT losses ask only for the log-sum-exp and recompute p inside the cross-entropy kernel
 (layout.TeacherTargets), so the (R, K) probabilities are never stored. Sinkhorn-Knopp's row pass is
@@ -22,7 +23,7 @@ from dinotron.kernels.backend import resolve_backend
 from dinotron.kernels.checks import check_finite_result, check_nonempty, check_positive, check_tensor
 from dinotron.kernels.layout import TeacherTargets, ViewTable, row_pointers, rows_table, tile
 
-_BLOCK_R_CENTER = 4  # rows per program when summing columns for the centre: (R / 4, K) partial
+_BLOCK_R_CENTER = 4  # rows per program when summing columns for the centre: R / 4 atomic adds per column
 
 
 @triton.jit
@@ -33,7 +34,7 @@ def _row_lse_kernel(
     HAS_BIAS: tl.constexpr, WITH_COLSUM: tl.constexpr, WRITE_PROBS: tl.constexpr,
 ):
     """Rows r of the table: LSE[r] = logsumexp_k(z) with z = x * scale + bias_scale * BIAS[k];
-    COLSUM[program, k] = sum over the program's rows of x; PROBS[r, k] = exp(z - LSE[r])."""
+    COLSUM[k] += sum over the program's rows of x (zero-initialised); PROBS[r, k] = exp(z - LSE[r])."""
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < n_rows
@@ -45,7 +46,7 @@ def _row_lse_kernel(
         k_mask = k < K
         x = tl.load(rows[:, None] + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         if WITH_COLSUM:
-            tl.store(COLSUM + pid * K + k, tl.sum(x, axis=0), mask=k_mask)
+            tl.atomic_add(COLSUM + k, tl.sum(x, axis=0), mask=k_mask, sem="relaxed")
         z = _biased(x, BIAS, k, k_mask, scale, bias_scale, HAS_BIAS)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -95,8 +96,7 @@ def row_lse(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch _row_lse_kernel over the R = V * B rows of `table`.
 
-    Returns (lse (R,) float32, probabilities (R, K) float32 or None, column-sum partials
-    (programs, K) float32 or None).
+    Returns (lse (R,) float32, probabilities (R, K) float32 or None, column sums (1, K) float32 or None).
     """
     V, B, K = table.shape
     R = V * B
@@ -106,7 +106,7 @@ def row_lse(
     programs = triton.cdiv(R, block_r)
     lse = torch.empty(R, dtype=torch.float32, device=device)
     probs = torch.empty(R, K, dtype=torch.float32, device=device) if write_probs else None
-    colsum = torch.empty(programs, K, dtype=torch.float32, device=device) if with_colsum else None
+    colsum = torch.zeros(1, K, dtype=torch.float32, device=device) if with_colsum else None
     _row_lse_kernel[(programs,)](
         table.base, table.offsets, bias, lse, probs, colsum,
         R, K, B, table.row_stride, scale, bias_scale,
@@ -117,8 +117,9 @@ def row_lse(
 
 
 def center_ema(center: torch.Tensor, partial: torch.Tensor, n_rows: int, momentum: float) -> torch.Tensor:
-    """New centre (shaped and typed like `center`) from per-program column sums of n_rows rows; with
-    torch.distributed initialised the sums and row counts are all-reduced first, as dinov2 does."""
+    """New centre (shaped and typed like `center`) from partial column sums (P, K) of n_rows rows in all
+    (the logits themselves, or their sums); with torch.distributed initialised the sums and row counts
+    are all-reduced first, as dinov2 does."""
     if reference._distributed():
         return reference.center_ema(center, partial.float().sum(dim=0), n_rows, momentum)
     K = partial.shape[1]
@@ -166,16 +167,16 @@ def _softmax_center(name, teacher_logits, center, teacher_temp, momentum, backen
     if resolve_backend(backend, teacher_logits, center) == "eager":
         probs = reference.softmax_center_teacher(teacher_logits, center, teacher_temp)
         new = None if momentum is None else reference.update_center(center, teacher_logits, momentum)
-        finite = probs
+        finite = [probs]
     else:
         col = center.reshape(-1).contiguous()
-        finite, probs, colsum = row_lse(
+        lse, probs, colsum = row_lse(
             rows_table(teacher_logits), 1.0 / teacher_temp, col, -1.0 / teacher_temp, write_probs=True, with_colsum=momentum is not None
         )
-        new = None if momentum is None else center_ema(center, colsum, finite.shape[0], momentum)
-        probs = probs.reshape(teacher_logits.shape)
-    if check_finite:
-        check_finite_result(name, finite, "teacher_logits or center")
+        new = None if momentum is None else center_ema(center, colsum, lse.shape[0], momentum)
+        probs, finite = probs.reshape(teacher_logits.shape), [lse]
+    if check_finite:  # a -inf logit has probability 0, but would make the centre -inf
+        check_finite_result(name, "teacher_logits or center", *finite, *([] if new is None else [new]))
     return probs, new
 
 
@@ -226,5 +227,5 @@ def update_center(
         rows = teacher_logits.reshape(-1, K)
         new = center_ema(center, rows if rows.stride(1) == 1 else rows.contiguous(), rows.shape[0], momentum)
     if check_finite:
-        check_finite_result("update_center", new, "teacher_logits or center")
+        check_finite_result("update_center", "teacher_logits or center", new)
     return new
