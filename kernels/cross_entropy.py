@@ -33,6 +33,7 @@ from dinotron.kernels.checks import (
     check_ibot_loss_input,
     check_nonempty,
     check_positive,
+    check_same_device,
 )
 from dinotron.kernels.layout import TeacherTargets, k_splits, tile, view_table
 from dinotron.kernels.sinkhorn_knopp import sinkhorn_knopp_targets
@@ -40,9 +41,13 @@ from dinotron.kernels.softmax_center import softmax_center_targets
 
 
 @triton.jit
-def _row_setup(S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, ROW_LSE, row, n_rows,
-               n_s_views, n_t_views, V_PAD: tl.constexpr, TEACHER_LOGITS: tl.constexpr):
-    """Per view v: pointers to row `row` of student and teacher views, and the teacher row's lse."""
+def _row_setup(S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, ROW_LSE, n_rows, K,
+               n_s_views, n_t_views, cols_per_split, V_PAD: tl.constexpr, TEACHER_LOGITS: tl.constexpr):
+    """Program (row, split): per view v, pointers to row `row` of the student and teacher views and
+    the teacher row's lse; and the split's columns [k_start, k_end)."""
+    row = tl.program_id(0)
+    k_start = tl.program_id(1) * cols_per_split
+    k_end = tl.minimum(k_start + cols_per_split, K)
     v = tl.arange(0, V_PAD)
     s_valid = v < n_s_views
     t_valid = v < n_t_views
@@ -52,7 +57,7 @@ def _row_setup(S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, R
     t_lse = tl.zeros((V_PAD,), tl.float32)
     if TEACHER_LOGITS:
         t_lse = tl.load(ROW_LSE + v * n_rows + row, mask=t_valid, other=0.0)
-    return v, s_valid, t_valid, s_rows, t_rows, t_lse
+    return row, k_start, k_end, v, s_valid, t_valid, s_rows, t_rows, t_lse
 
 
 @triton.jit
@@ -77,18 +82,14 @@ def _ce_fwd_kernel(
     V_PAD: tl.constexpr, BLOCK_K: tl.constexpr, TEACHER_LOGITS: tl.constexpr, EXCLUDE_SAME_VIEW: tl.constexpr,
 ):
     """Program (b, split): PARTIAL[{max, sum, dot, mass}, split, v, b] over the split's columns."""
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    v, s_valid, t_valid, s_rows, t_rows, t_lse = _row_setup(
-        S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, ROW_LSE, row, n_rows, n_s_views, n_t_views,
-        V_PAD, TEACHER_LOGITS,
+    row, k_start, k_end, v, s_valid, t_valid, s_rows, t_rows, t_lse = _row_setup(
+        S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, ROW_LSE, n_rows, K, n_s_views, n_t_views,
+        cols_per_split, V_PAD, TEACHER_LOGITS,
     )
     m = tl.full((V_PAD,), float("-inf"), tl.float32)
     s = tl.zeros((V_PAD,), tl.float32)
     dot = tl.zeros((V_PAD,), tl.float32)
     mass = tl.zeros((V_PAD,), tl.float32)
-    k_start = split * cols_per_split
-    k_end = tl.minimum(k_start + cols_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < k_end
@@ -102,7 +103,7 @@ def _ce_fwd_kernel(
         mass += tl.sum(p, axis=1)
     n_out = n_s_views * n_rows
     plane = tl.num_programs(1) * n_out
-    out = PARTIAL + split * n_out + v * n_rows + row
+    out = PARTIAL + tl.program_id(1) * n_out + v * n_rows + row
     tl.store(out, m, mask=s_valid)
     tl.store(out + plane, s, mask=s_valid)
     tl.store(out + 2 * plane, dot, mask=s_valid)
@@ -147,11 +148,9 @@ def _ce_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
 ):
     """Program (b, split): GRAD[v, b, k] for the split's columns; GRAD is (S, B, K) contiguous."""
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    v, s_valid, t_valid, s_rows, t_rows, t_lse = _row_setup(
-        S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, ROW_LSE, row, n_rows, n_s_views, n_t_views,
-        V_PAD, TEACHER_LOGITS,
+    row, k_start, k_end, v, s_valid, t_valid, s_rows, t_rows, t_lse = _row_setup(
+        S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, ROW_LSE, n_rows, K, n_s_views, n_t_views,
+        cols_per_split, V_PAD, TEACHER_LOGITS,
     )
     lse = tl.load(LSE + v * n_rows + row, mask=s_valid, other=0.0)
     mass = tl.load(MASS + v * n_rows + row, mask=s_valid, other=0.0)
@@ -159,8 +158,6 @@ def _ce_bwd_kernel(
     if HAS_WEIGHT:
         coef *= tl.load(WEIGHT + row)
     g_rows = GRAD + v.to(tl.int64) * grad_view_stride + row.to(tl.int64) * K
-    k_start = split * cols_per_split
-    k_end = tl.minimum(k_start + cols_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < k_end
@@ -337,6 +334,7 @@ class _CenteredTeacher(nn.Module):
         """(targets, new centre or None): (T, B, K) float32 probabilities if eager, else TeacherTargets."""
         check_positive("teacher_temp", teacher_temp)
         reference._center_vector(self.center, teacher[0].shape[-1])
+        check_same_device(teacher_out=teacher[0], center=self.center)  # move the module with .to(device)
         if eager:
             stacked = torch.stack(teacher)
             if self.centering == "sinkhorn_knopp":

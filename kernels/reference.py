@@ -123,6 +123,22 @@ def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_temp: float, n_
     return torch.exp(L + log_r[None, :] + log_c[:, None]) * B_total
 
 
+@torch.no_grad()
+def dinov2_sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """dinov2's DINOLoss.sinkhorn_knopp_teacher as written (single process, exp space, so it overflows
+    once |logits| / teacher_temp nears 88): the transcription tests and benchmarks compare against."""
+    Q = torch.exp(teacher_output.float() / teacher_temp).t()
+    B, K = Q.shape[1], Q.shape[0]
+    Q /= torch.sum(Q)
+    for _ in range(n_iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
 def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: float = 0.1, reduction: str = "mean") -> torch.Tensor:
     """DINO cross-entropy over all (student view, teacher view) pairs except a view with itself.
 

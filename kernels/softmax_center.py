@@ -20,7 +20,7 @@ import triton.language as tl
 
 from dinotron.kernels import reference
 from dinotron.kernels.backend import resolve_backend
-from dinotron.kernels.checks import check_finite_result, check_nonempty, check_positive, check_tensor
+from dinotron.kernels.checks import check_finite_result, check_nonempty, check_positive, check_same_device, check_tensor
 from dinotron.kernels.layout import TeacherTargets, ViewTable, row_pointers, rows_table, tile
 
 _BLOCK_R_CENTER = 4  # rows per program when summing columns for the centre: R / 4 atomic adds per column
@@ -133,14 +133,13 @@ def center_ema(center: torch.Tensor, partial: torch.Tensor, n_rows: int, momentu
 
 
 def softmax_center_targets(
-    teacher: ViewTable, center: torch.Tensor, teacher_temp: float, momentum: float | None = None,
-) -> tuple[TeacherTargets, torch.Tensor | None]:
-    """Lazy softmax-centred targets of the teacher logits, and the updated centre (None without momentum)."""
+    teacher: ViewTable, center: torch.Tensor, teacher_temp: float, momentum: float,
+) -> tuple[TeacherTargets, torch.Tensor]:
+    """Lazy softmax-centred targets of the teacher logits (one pass over them), and the updated centre."""
     col = center.reshape(-1).clone(memory_format=torch.contiguous_format)  # the targets outlive in-place centre updates
-    lse, _, colsum = row_lse(teacher, 1.0 / teacher_temp, col, -1.0 / teacher_temp, with_colsum=momentum is not None)
+    lse, _, colsum = row_lse(teacher, 1.0 / teacher_temp, col, -1.0 / teacher_temp, with_colsum=True)
     targets = TeacherTargets(teacher, row_lse=lse, col=col, col_scale=-1.0 / teacher_temp, logit_scale=1.0 / teacher_temp)
-    new_center = None if momentum is None else center_ema(center, colsum, lse.shape[0], momentum)
-    return targets, new_center
+    return targets, center_ema(center, colsum, lse.shape[0], momentum)
 
 
 def _check_teacher_args(teacher_logits, center, teacher_temp: float, ndim=None) -> int:
@@ -151,6 +150,7 @@ def _check_teacher_args(teacher_logits, center, teacher_temp: float, ndim=None) 
     check_positive("teacher_temp", teacher_temp)
     K = teacher_logits.shape[-1]
     reference._center_vector(center, K)
+    check_same_device(teacher_logits=teacher_logits, center=center)
     return K
 
 

@@ -100,20 +100,6 @@ def test_centre_keeps_its_shape_and_dtype_and_is_not_modified():
 
 # ---- Sinkhorn-Knopp -------------------------------------------------------------------------------
 
-def dinov2_sinkhorn_literal(teacher_output, teacher_temp, n_iterations=3):
-    """dinov2's DINOLoss.sinkhorn_knopp_teacher, single process, transcribed literally."""
-    Q = torch.exp(teacher_output.float() / teacher_temp).t()
-    B, K = Q.shape[1], Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(n_iterations):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
-
-
 @pytest.mark.parametrize("B,K,n_iterations,dtype", [(3, 1000, 3, torch.float32), (128, 4096, 3, torch.float32),
                                                     (2, 65536, 3, torch.bfloat16), (5, 100, 1, torch.float32)])
 def test_sinkhorn_matches_reference_and_dinov2(B, K, n_iterations, dtype):
@@ -121,7 +107,7 @@ def test_sinkhorn_matches_reference_and_dinov2(B, K, n_iterations, dtype):
     out = sinkhorn_knopp_teacher(logits, 0.05, n_iterations, backend="triton")
     assert out.dtype == torch.float32 and out.shape == (B, K)
     torch.testing.assert_close(out, reference.sinkhorn_knopp_teacher(logits, 0.05, n_iterations), **FP32)
-    torch.testing.assert_close(out, dinov2_sinkhorn_literal(logits, 0.05, n_iterations), rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(out, reference.dinov2_sinkhorn_knopp(logits, 0.05, n_iterations), rtol=1e-3, atol=1e-9)
 
 
 def test_sinkhorn_marginals_and_extreme_logits():
@@ -136,7 +122,7 @@ def test_sinkhorn_marginals_and_extreme_logits():
     # logits whose exp overflows fp32 (dinov2's literal form gives inf/nan) stay finite in log-space
     logits = 50 * torch.randn(16, 32)
     out = sinkhorn_knopp_teacher(logits, 0.04, backend="triton")
-    assert torch.isfinite(out).all() and not torch.isfinite(dinov2_sinkhorn_literal(logits, 0.04)).all()
+    assert torch.isfinite(out).all() and not torch.isfinite(reference.dinov2_sinkhorn_knopp(logits, 0.04)).all()
     torch.testing.assert_close(out, reference.sinkhorn_knopp_teacher(logits, 0.04), rtol=1e-3, atol=1e-4)
 
 
@@ -273,7 +259,7 @@ def test_dino_module_sinkhorn_matches_dinov2(n_local):
     K, B = 1000, 3
     student, teacher = make_views(2 + n_local, 2, B, K, teacher_logits=True)
     teacher = [t / 6 for t in teacher]  # |logits| / temp < 88: dinov2's literal exp does not overflow
-    targets = dinov2_sinkhorn_literal(torch.cat(teacher), 0.06).view(2, B, K)
+    targets = reference.dinov2_sinkhorn_knopp(torch.cat(teacher), 0.06).view(2, B, K)
     expected = loss_and_grads(lambda s: reference.dino_loss(s, targets, 0.1), student)
     for backend in ("triton", "eager"):
         module = DINOLoss(K, teacher_temp=0.06, centering="sinkhorn_knopp", backend=backend)
@@ -309,7 +295,7 @@ def test_ibot_module_dense_input_and_sinkhorn():
     dense = IBOTPatchLoss(K, backend="triton")(teacher_logits, student, masks)
     masked = IBOTPatchLoss(K, backend="triton")(flat_teacher, student[masks], masks)
     torch.testing.assert_close(dense, masked)
-    targets = dinov2_sinkhorn_literal(flat_teacher, 0.5)
+    targets = reference.dinov2_sinkhorn_knopp(flat_teacher, 0.5)
     expected = loss_and_grads(lambda s: reference.ibot_patch_loss(s[0][masks], targets, masks), [student])
     for backend in ("triton", "eager"):
         module = IBOTPatchLoss(K, centering="sinkhorn_knopp", backend=backend)
@@ -355,6 +341,8 @@ def test_bad_input(backend):
         (lambda: DINOLoss(8, backend=backend)([x, x], [x, torch.randn(3, 8)]), r"student_out\[1\] has shape"),
         (lambda: DINOLoss(8, backend=backend)([x, x], [x, x], teacher_temp=0.0), "teacher_temp must be > 0"),
         (lambda: DINOLoss(8, center_mode="median"), "Unknown mode 'median'"),
+        (lambda: DINOLoss(8, backend=backend)([x.to("meta")] * 2, [x.to("meta")] * 2), "center on cpu"),
+        (lambda: softmax_center_teacher(x, torch.zeros(8, device="meta"), 0.1, backend=backend), "center on meta"),
         (lambda: DINOLoss(8, centering="mean"), "centering must be"),
         (lambda: IBOTPatchLoss(8, backend=backend)(torch.randn(0, 8), torch.randn(0, 8), torch.zeros(2, 2, dtype=torch.bool)),
          "teacher_out .masked rows. is empty"),
