@@ -42,7 +42,8 @@ from dinotron.kernels.softmax_center import softmax_center_targets
 
 @triton.jit
 def _row_setup(S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, ROW_LSE, n_rows, K,
-               n_s_views, n_t_views, cols_per_split, V_PAD: tl.constexpr, TEACHER_LOGITS: tl.constexpr):
+               n_s_views, n_t_views, cols_per_split, V_PAD: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
+               S_ALIGN: tl.constexpr, T_ALIGN: tl.constexpr):
     """Program (row, split): per view v, pointers to row `row` of the student and teacher views and
     the teacher row's lse; and the split's columns [k_start, k_end)."""
     row = tl.program_id(0)
@@ -52,8 +53,8 @@ def _row_setup(S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, R
     s_valid = v < n_s_views
     t_valid = v < n_t_views
     row64 = row.to(tl.int64)
-    s_rows = S_PTR + tl.load(S_OFFSETS + v, mask=s_valid, other=0) + row64 * s_row_stride
-    t_rows = T_PTR + tl.load(T_OFFSETS + v, mask=t_valid, other=0) + row64 * t_row_stride
+    s_rows = S_PTR + tl.multiple_of(tl.load(S_OFFSETS + v, mask=s_valid, other=0), S_ALIGN) + row64 * s_row_stride
+    t_rows = T_PTR + tl.multiple_of(tl.load(T_OFFSETS + v, mask=t_valid, other=0), T_ALIGN) + row64 * t_row_stride
     t_lse = tl.zeros((V_PAD,), tl.float32)
     if TEACHER_LOGITS:
         t_lse = tl.load(ROW_LSE + v * n_rows + row, mask=t_valid, other=0.0)
@@ -80,11 +81,12 @@ def _ce_fwd_kernel(
     S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, COL, ROW_LSE, PARTIAL,
     n_rows, K, n_s_views, n_t_views, cols_per_split, s_scale, logit_scale, col_scale,
     V_PAD: tl.constexpr, BLOCK_K: tl.constexpr, TEACHER_LOGITS: tl.constexpr, EXCLUDE_SAME_VIEW: tl.constexpr,
+    S_ALIGN: tl.constexpr, T_ALIGN: tl.constexpr,
 ):
     """Program (b, split): PARTIAL[{max, sum, dot, mass}, split, v, b] over the split's columns."""
     row, k_start, k_end, v, s_valid, t_valid, s_rows, t_rows, t_lse = _row_setup(
         S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, ROW_LSE, n_rows, K, n_s_views, n_t_views,
-        cols_per_split, V_PAD, TEACHER_LOGITS,
+        cols_per_split, V_PAD, TEACHER_LOGITS, S_ALIGN, T_ALIGN,
     )
     m = tl.full((V_PAD,), float("-inf"), tl.float32)
     s = tl.zeros((V_PAD,), tl.float32)
@@ -145,12 +147,12 @@ def _ce_bwd_kernel(
     S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, COL, ROW_LSE, LSE, MASS, WEIGHT, GRAD_LOSS,
     GRAD, grad_view_stride, n_rows, K, n_s_views, n_t_views, cols_per_split, s_scale, logit_scale, col_scale, scale,
     V_PAD: tl.constexpr, BLOCK_K: tl.constexpr, TEACHER_LOGITS: tl.constexpr, EXCLUDE_SAME_VIEW: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
+    S_ALIGN: tl.constexpr, T_ALIGN: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     """Program (b, split): GRAD[v, b, k] for the split's columns; GRAD is (S, B, K) contiguous."""
     row, k_start, k_end, v, s_valid, t_valid, s_rows, t_rows, t_lse = _row_setup(
         S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, ROW_LSE, n_rows, K, n_s_views, n_t_views,
-        cols_per_split, V_PAD, TEACHER_LOGITS,
+        cols_per_split, V_PAD, TEACHER_LOGITS, S_ALIGN, T_ALIGN,
     )
     lse = tl.load(LSE + v * n_rows + row, mask=s_valid, other=0.0)
     mass = tl.load(MASS + v * n_rows + row, mask=s_valid, other=0.0)
@@ -201,7 +203,7 @@ class DinoCrossEntropy(torch.autograd.Function):
             table.base, table.offsets, table.row_stride, *_target_args(targets), partial,
             B, K, S, T, cfg["cols_per_split"], 1.0 / student_temp, targets.logit_scale, targets.col_scale,
             V_PAD=cfg["v_pad"], BLOCK_K=cfg["block_k"], TEACHER_LOGITS=targets.row_lse is not None,
-            EXCLUDE_SAME_VIEW=exclude_same_view, num_warps=8,
+            EXCLUDE_SAME_VIEW=exclude_same_view, S_ALIGN=table.align, T_ALIGN=targets.views.align, num_warps=8,
         )
         lse, mass = torch.empty(2, S, B, dtype=torch.float32, device=device)
         loss = torch.empty((), dtype=torch.float32, device=device)
@@ -233,7 +235,8 @@ class DinoCrossEntropy(torch.autograd.Function):
             B, K, S, targets.views.n_views, cfg["cols_per_split"], 1.0 / ctx.student_temp,
             targets.logit_scale, targets.col_scale, ctx.scale,
             V_PAD=cfg["v_pad"], BLOCK_K=cfg["block_k"], TEACHER_LOGITS=targets.row_lse is not None,
-            EXCLUDE_SAME_VIEW=ctx.exclude_same_view, HAS_WEIGHT=weight is not None, num_warps=8,
+            EXCLUDE_SAME_VIEW=ctx.exclude_same_view, S_ALIGN=table.align, T_ALIGN=targets.views.align,
+            HAS_WEIGHT=weight is not None, num_warps=8,
         )
         grads = (grad,) if ctx.stacked else grad.unbind(0)
         return (None,) * 6 + tuple(grads)

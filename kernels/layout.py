@@ -25,6 +25,7 @@ class ViewTable:
     views: tuple[torch.Tensor, ...]  # kept alive while kernels read them; views[0] is the base pointer
     offsets: torch.Tensor  # (V,) int64 on the views' device
     row_stride: int
+    align: int  # every offset is a multiple of it (elements; up to 16 bytes): lets the GPU vectorise loads
 
     @property
     def base(self) -> torch.Tensor:
@@ -55,9 +56,13 @@ def view_table(views: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> ViewTabl
     if any(s % itemsize for s in starts):
         views = [v.contiguous() for v in views]
         starts = [v.data_ptr() - views[0].data_ptr() for v in views]
-    offsets = torch.tensor([s // itemsize for s in starts], dtype=torch.int64)
+    offsets = [s // itemsize for s in starts]
+    align = 16 // itemsize
+    while any(o % align for o in offsets):
+        align //= 2
     row_stride = views[0].stride(0) if B > 1 else K
-    return ViewTable(tuple(views), offsets.to(views[0].device, non_blocking=True), row_stride)
+    offsets = torch.tensor(offsets, dtype=torch.int64).to(views[0].device, non_blocking=True)
+    return ViewTable(tuple(views), offsets, row_stride, align)
 
 
 def rows_table(x: torch.Tensor) -> ViewTable:
@@ -67,10 +72,11 @@ def rows_table(x: torch.Tensor) -> ViewTable:
 
 
 @triton.jit
-def row_pointers(base_ptr, offsets_ptr, r, rows_per_view, row_stride):
+def row_pointers(base_ptr, offsets_ptr, r, rows_per_view, row_stride, ALIGN: tl.constexpr):
     """Pointers to the first element of rows r (a block of row indices) of a view table."""
     view = r // rows_per_view
-    return base_ptr + tl.load(offsets_ptr + view) + (r - view * rows_per_view).to(tl.int64) * row_stride
+    offsets = tl.multiple_of(tl.load(offsets_ptr + view), ALIGN)
+    return base_ptr + offsets + (r - view * rows_per_view).to(tl.int64) * row_stride
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dinotron.kernels.softmax_center import row_lse
 @triton.jit
 def _col_lse_kernel(
     X, X_OFFSETS, ROW_LSE, OUT, n_rows, K, rows_per_view, row_stride, scale,
-    HAS_ROW_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_ROW_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """OUT[k] = logsumexp_r(x[r, k] * scale - ROW_LSE[r]) over the R rows of a view table."""
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -40,7 +40,7 @@ def _col_lse_kernel(
     for r0 in range(0, n_rows, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         r_mask = r < n_rows
-        rows = row_pointers(X, X_OFFSETS, tl.where(r_mask, r, 0), rows_per_view, row_stride)
+        rows = row_pointers(X, X_OFFSETS, tl.where(r_mask, r, 0), rows_per_view, row_stride, ALIGN)
         x = tl.load(rows[:, None] + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         z = x * scale
         if HAS_ROW_LSE:
@@ -56,11 +56,11 @@ def _column_lse(table: ViewTable, scale: float, row: torch.Tensor | None) -> tor
     V, B, K = table.shape
     R = V * B
     block_r = min(32, triton.next_power_of_2(R))
-    block_k = min(tile(4096) // block_r, triton.next_power_of_2(K))
+    block_k = max(16, min(tile(4096) // block_r, triton.next_power_of_2(K)))
     out = torch.empty(K, dtype=torch.float32, device=table.base.device)
     _col_lse_kernel[(triton.cdiv(K, block_k),)](
         table.base, table.offsets, row, out, R, K, B, table.row_stride, scale,
-        HAS_ROW_LSE=row is not None, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=8,
+        HAS_ROW_LSE=row is not None, BLOCK_R=block_r, BLOCK_K=block_k, ALIGN=table.align, num_warps=8,
     )
     return out
 

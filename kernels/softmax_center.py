@@ -30,7 +30,7 @@ _BLOCK_R_CENTER = 4  # rows per program when summing columns for the centre: R /
 def _row_lse_kernel(
     X, X_OFFSETS, BIAS, LSE, PROBS, COLSUM,
     n_rows, K, rows_per_view, row_stride, scale, bias_scale,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
     HAS_BIAS: tl.constexpr, WITH_COLSUM: tl.constexpr, WRITE_PROBS: tl.constexpr,
 ):
     """Rows r of the table: LSE[r] = logsumexp_k(z) with z = x * scale + bias_scale * BIAS[k];
@@ -38,7 +38,7 @@ def _row_lse_kernel(
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < n_rows
-    rows = row_pointers(X, X_OFFSETS, tl.where(r_mask, r, 0), rows_per_view, row_stride)
+    rows = row_pointers(X, X_OFFSETS, tl.where(r_mask, r, 0), rows_per_view, row_stride, ALIGN)
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_R,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -102,7 +102,7 @@ def row_lse(
     R = V * B
     device = table.base.device
     block_r = min(tile(_BLOCK_R_CENTER if with_colsum else 1), triton.next_power_of_2(R))
-    block_k = min(tile(4096) // block_r, triton.next_power_of_2(K))
+    block_k = max(16, min(tile(4096) // block_r, triton.next_power_of_2(K)))
     programs = triton.cdiv(R, block_r)
     lse = torch.empty(R, dtype=torch.float32, device=device)
     probs = torch.empty(R, K, dtype=torch.float32, device=device) if write_probs else None
@@ -110,7 +110,8 @@ def row_lse(
     _row_lse_kernel[(programs,)](
         table.base, table.offsets, bias, lse, probs, colsum,
         R, K, B, table.row_stride, scale, bias_scale,
-        BLOCK_R=block_r, BLOCK_K=block_k, HAS_BIAS=bias is not None, WITH_COLSUM=with_colsum, WRITE_PROBS=write_probs,
+        BLOCK_R=block_r, BLOCK_K=block_k, ALIGN=table.align,
+        HAS_BIAS=bias is not None, WITH_COLSUM=with_colsum, WRITE_PROBS=write_probs,
         num_warps=8,
     )
     return lse, probs, colsum

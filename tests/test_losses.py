@@ -7,8 +7,9 @@ Tolerances:
 - fp32: rtol 1e-4 (probabilities, losses, gradients; atol 1e-6 x the largest gradient). The kernels
   sum in a different order than the reference; at B x K = 262144 the reference's own fp32 einsum is
   off by ~1e-5 relative against fp64 (the kernels by ~1e-7), so 1e-4 is not a free pass.
-- bf16 inputs: both sides see the same bf16 values and compute in fp32, so losses keep the fp32
-  tolerance; gradients are rounded to bf16 once on each side: rtol 1e-2, atol 1e-2 x the largest.
+- bf16 / fp16 inputs: both sides see the same rounded values and compute in fp32, so losses keep
+  the fp32 tolerance; gradients are rounded to bf16/fp16 once on each side: rtol 1e-2, atol 1e-2 x
+  the largest (bf16 has 8 bits of mantissa: one rounding is up to 4e-3 relative).
 """
 import math
 import os
@@ -34,6 +35,7 @@ from dinotron.kernels import (
     softmax_center_teacher,
     update_center,
 )
+from dinotron.kernels.layout import view_table
 
 FP32 = dict(rtol=1e-4, atol=1e-6)
 
@@ -136,7 +138,7 @@ def dino_double_loop_fp64(student, teacher, student_temp):
 
 
 @pytest.mark.parametrize("K,B,n_local,dtype", [
-    (1000, 3, 0, torch.float32), (1000, 64, 2, torch.bfloat16), (4096, 1, 2, torch.bfloat16),
+    (1000, 3, 0, torch.float32), (1000, 64, 2, torch.bfloat16), (4096, 1, 2, torch.float16),
     (4096, 3, 8, torch.float32), (65536, 1, 8, torch.float32), (65536, 3, 0, torch.bfloat16),
 ])
 def test_dino_loss_matches_reference(K, B, n_local, dtype):
@@ -147,30 +149,37 @@ def test_dino_loss_matches_reference(K, B, n_local, dtype):
     assert actual[0].item() == pytest.approx(dino_double_loop_fp64(student, teacher, 0.1).item(), rel=1e-6)
 
 
-def test_dino_loss_forms_and_pairings():
-    student, teacher = make_views(4, 2, 3, 1000)
+def test_dino_loss_forms_and_pairings(device="cpu", dtype=torch.float32):
+    student, teacher = make_views(4, 2, 3, 1000, dtype, device)
     expected = loss_and_grads(lambda s: reference.dino_loss(s, teacher, 0.1, "sum"), student)
     # one (S, B, K) tensor (gradient as one tensor), a (T, B, K) teacher, reduction="sum"
     stacked = torch.stack(student).detach().requires_grad_()
     loss, (grad,) = loss_and_grads(lambda s: dino_loss(s[0], torch.stack(teacher), 0.1, "sum", backend="triton"), [stacked])
     assert grad.shape == stacked.shape
-    assert_same_loss_and_grads((loss, grad.unbind(0)), expected, torch.float32)
-    # views chunked from one tensor (read in place) and views of a transposed tensor (copied)
+    assert_same_loss_and_grads((loss, grad.unbind(0)), expected, dtype)
+    # views chunked from one tensor (read in place, 16-byte aligned offsets), views one element off
+    # 16-byte alignment (read in place, unaligned), and views of a transposed tensor (copied)
     joined = torch.cat(student).detach().requires_grad_()
     loss, (grad,) = loss_and_grads(lambda s: dino_loss(list(s[0].chunk(4)), teacher, 0.1, "sum", backend="triton"), [joined])
-    assert_same_loss_and_grads((loss, grad.chunk(4)), expected, torch.float32)
+    assert_same_loss_and_grads((loss, grad.chunk(4)), expected, dtype)
+    padded = torch.zeros(3, 1 + 4 * 1001, dtype=dtype, device=device)
+    unaligned = []
+    for i, s in enumerate(student):
+        padded[:, 1 + 1001 * i: 1001 * (i + 1)] = s.detach()
+        unaligned.append(padded[:, 1 + 1001 * i: 1001 * (i + 1)].detach().requires_grad_())
+    assert view_table(unaligned).align == 1
+    assert view_table(list(joined.chunk(4))).align == 16 // joined.element_size()
     transposed = [s.detach().t().contiguous().t().requires_grad_() for s in student]
     assert transposed[0].stride() == (1, 3)
-    assert_same_loss_and_grads(
-        loss_and_grads(lambda s: dino_loss(s, teacher, 0.1, "sum", backend="triton"), transposed), expected, torch.float32
-    )
+    for views in (unaligned, transposed):
+        assert_same_loss_and_grads(loss_and_grads(lambda s: dino_loss(s, teacher, 0.1, "sum", backend="triton"), views), expected, dtype)
     # more teacher views than student views, and one global view (student view 0 pairs with nothing)
     for S, T in [(2, 3), (5, 1)]:
-        student, teacher = make_views(S, T, 3, 100)
+        student, teacher = make_views(S, T, 3, 100, dtype, device)
         assert_same_loss_and_grads(
             loss_and_grads(lambda s: dino_loss(s, teacher, 0.07, backend="triton"), student),
             loss_and_grads(lambda s: reference.dino_loss(s, teacher, 0.07), student),
-            torch.float32,
+            dtype,
         )
 
 
@@ -474,24 +483,24 @@ sizes = dict(n_rows="i32", K="i32", n_s_views="i32", n_t_views="i32", cols_per_s
 for teacher_logits, exclude, dtype in [(True, True, "bf16"), (False, False, "fp32")]:
     targets = dict(COL="*fp32" if teacher_logits else None, ROW_LSE="*fp32" if teacher_logits else None)
     flags = dict(V_PAD=16 if exclude else 1, BLOCK_K=256 if exclude else 4096, TEACHER_LOGITS=teacher_logits,
-                 EXCLUDE_SAME_VIEW=exclude)
+                 EXCLUDE_SAME_VIEW=exclude, S_ALIGN=8 if dtype == "bf16" else 4, T_ALIGN=8 if dtype == "bf16" else 4)
     lower(ce._ce_fwd_kernel, dict(S_PTR=f"*{dtype}", S_OFFSETS="*i64", s_row_stride="i32", T_PTR=f"*{dtype}",
           T_OFFSETS="*i64", t_row_stride="i32", **targets, PARTIAL="*fp32", **sizes, **flags))
     lower(ce._ce_bwd_kernel, dict(S_PTR=f"*{dtype}", S_OFFSETS="*i64", s_row_stride="i32", T_PTR=f"*{dtype}",
           T_OFFSETS="*i64", t_row_stride="i32", **targets, LSE="*fp32", MASS="*fp32",
           WEIGHT=None if exclude else "*fp32", GRAD_LOSS="*fp32", GRAD=f"*{dtype}", grad_view_stride="i32",
-          **sizes, scale="fp32", **flags, HAS_WEIGHT=not exclude))
+          **sizes, scale="fp32", **{**flags, "HAS_WEIGHT": not exclude}))
 lower(ce._ce_combine_kernel, dict(PARTIAL="*fp32", WEIGHT="*fp32", LSE="*fp32", MASS="*fp32", LOSS="*fp32", n_out="i32",
       n_rows="i32", n_splits="i32", scale="fp32", HAS_WEIGHT=True, BLOCK=1024), num_warps=4)
 for with_colsum, dtype in [(True, "bf16")]:
     lower(sc._row_lse_kernel, dict(X=f"*{dtype}", X_OFFSETS="*i64", BIAS="*fp32", LSE="*fp32", PROBS="*fp32",
           COLSUM="*fp32" if with_colsum else None, n_rows="i32", K="i32", rows_per_view="i32", row_stride="i32",
           scale="fp32", bias_scale="fp32", BLOCK_R=4 if with_colsum else 1, BLOCK_K=1024 if with_colsum else 4096,
-          HAS_BIAS=True, WITH_COLSUM=with_colsum, WRITE_PROBS=True))
+          ALIGN=8, HAS_BIAS=True, WITH_COLSUM=with_colsum, WRITE_PROBS=True))
 lower(sc._center_ema_kernel, dict(PARTIAL="*fp32", CENTER="*bf16", OUT="*bf16", n_partial="i32", partial_stride="i32",
       K="i32", inv_count="fp32", momentum="fp32", BLOCK_P=16, BLOCK_K=256), num_warps=4)
 lower(sk._col_lse_kernel, dict(X="*bf16", X_OFFSETS="*i64", ROW_LSE="*fp32", OUT="*fp32", n_rows="i32", K="i32",
-      rows_per_view="i32", row_stride="i32", scale="fp32", HAS_ROW_LSE=True, BLOCK_R=32, BLOCK_K=128))
+      rows_per_view="i32", row_stride="i32", scale="fp32", HAS_ROW_LSE=True, BLOCK_R=32, BLOCK_K=128, ALIGN=8))
 """
 
 
@@ -514,6 +523,12 @@ def test_gpu_dino_loss_matches_reference(B, n_local, dtype):
         loss_and_grads(lambda s: reference.dino_loss(s, teacher, 0.1), student),
         dtype,
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_dino_loss_forms_pairings_and_alignments(dtype):
+    test_dino_loss_forms_and_pairings("cuda", dtype)
 
 
 @pytest.mark.gpu
