@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import add_speedups, peak_mib, save, time_ms
+from common import add_speedups, measure, save
 from dinotron.kernels import koleo_loss
 from dinotron.kernels import reference
 
@@ -48,23 +48,12 @@ def impls(args) -> dict:
     return out
 
 
-def measure(case: str, impl: str, fn, x: torch.Tensor, device: str, args) -> dict:
+def measure_step(case: str, impl: str, fn, x: torch.Tensor, device: str, args) -> dict:
     def step():
         x.grad = None
         fn(x).backward()
 
-    row = {"case": case, "impl": impl}
-    try:
-        step()  # compiles (Triton, inductor) before timing
-        ms = time_ms(step, device, warmup=args.warmup, rep=args.rep)
-    except (RuntimeError, ValueError) as e:
-        row["note"] = f"does not run: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
-        return row
-    row["ms"] = round(ms, 4)
-    mib = peak_mib(step, device)
-    if mib is not None:
-        row["peak_mib"] = round(mib, 2)
-    return row
+    return measure(case, impl, step, device, args.warmup, args.rep)
 
 
 def main(argv=None) -> int:
@@ -94,7 +83,7 @@ def main(argv=None) -> int:
         case = f"B={B} D={args.D} {args.dtype} fwd+bwd"
         x = torch.randn(B, args.D, device=args.device).to(dtype).requires_grad_()
         for impl, fn in fns.items():
-            rows.append(measure(case, impl, fn, x, args.device, args))
+            rows.append(measure_step(case, impl, fn, x, args.device, args))
     add_speedups(rows, ours="dinotron")
     dinotron_path = "triton kernels" if on_cuda else "eager reference (CPU fallback)"
     save("koleo", rows, args.device, extra={"dtype": args.dtype, "D": args.D, "tf32": args.tf32, "threads": torch.get_num_threads(),

@@ -87,6 +87,23 @@ def peak_mib(fn: Callable[[], object], device: str | torch.device) -> float | No
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def measure(case: str, impl: str, step: Callable[[], object], device: str | torch.device, warmup: int, rep: int) -> dict:
+    """One results row: the median ms of step() and its peak memory (CUDA), after one untimed call
+    that compiles (Triton, inductor); a row with a note instead if step() raises."""
+    row = {"case": case, "impl": impl}
+    try:
+        step()
+        ms = time_ms(step, device, warmup=warmup, rep=rep)
+    except (RuntimeError, ValueError) as e:
+        row["note"] = f"does not run: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+        return row
+    row["ms"] = round(ms, 4)
+    mib = peak_mib(step, device)
+    if mib is not None:
+        row["peak_mib"] = round(mib, 2)
+    return row
+
+
 def add_speedups(rows: list[dict], ours: str, metric: str = "ms") -> None:
     """Give each row of impl `ours` a speedup_vs {impl: their metric / ours} over its case's rows."""
     for row in rows:

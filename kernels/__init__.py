@@ -11,16 +11,14 @@ from dinotron.kernels.flash_attention import (
     swap_timm_attention,
 )
 from dinotron.kernels.backend import resolve_backend
+from dinotron.kernels.cross_entropy import DINOLoss, IBOTPatchLoss, dino_loss, ibot_patch_loss
 from dinotron.kernels.koleo import KoLeoLoss, koleo_loss
-from dinotron.kernels.reference import (
-    dino_loss,
-    ibot_patch_loss,
-    sinkhorn_knopp_teacher,
-    softmax_center_teacher,
-    update_center,
-)
+from dinotron.kernels.sinkhorn_knopp import sinkhorn_knopp_teacher
+from dinotron.kernels.softmax_center import softmax_center_and_update_teacher, softmax_center_teacher, update_center
 
 __all__ = [
+    "DINOLoss",
+    "IBOTPatchLoss",
     "KoLeoLoss",
     "attention",
     "attention_varlen",
@@ -31,6 +29,7 @@ __all__ = [
     "packed_sequences",
     "resolve_backend",
     "sinkhorn_knopp_teacher",
+    "softmax_center_and_update_teacher",
     "softmax_center_teacher",
     "swap_timm_attention",
     "update_center",

@@ -43,11 +43,15 @@ def check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def stack_views(name: str, views) -> torch.Tensor:
-    """Views as a (V, B, K) tensor: accepts a (V, B, K) tensor or a sequence of V (B, K) tensors."""
+def view_list(name: str, views) -> list[torch.Tensor]:
+    """Views as a list of V (B, K) tensors, from a (V, B, K) tensor or a sequence of (B, K) tensors.
+
+    Checks one shape, dtype and device for all views and B, K > 0; copies nothing.
+    """
     if isinstance(views, torch.Tensor):
         check_tensor(name, views, ndim=3)
-        stacked = views
+        check_nonempty(name, views, 0)
+        out = list(views.unbind(0))
     else:
         if not isinstance(views, Sequence) or len(views) == 0:
             raise ValueError(f"{name} must be a (V, B, K) tensor or a non-empty list of (B, K) tensors")
@@ -60,10 +64,69 @@ def stack_views(name: str, views) -> torch.Tensor:
                 )
             if v.dtype != views[0].dtype or v.device != views[0].device:
                 raise ValueError(f"{name}[{i}] is {v.dtype} on {v.device} but {name}[0] is {views[0].dtype} on {views[0].device}")
-        stacked = torch.stack(list(views))
-    check_nonempty(name, stacked, 0)
-    check_nonempty(name, stacked, 1)
-    return stacked
+        out = list(views)
+    check_nonempty(f"{name}[0]", out[0], 0)
+    check_nonempty(f"{name}[0]", out[0], 1)
+    return out
+
+
+def check_dino_loss_input(
+    student_views, teacher_views, student_temp: float, reduction: str = "mean",
+    names=("student_logits_per_view", "teacher_probs_per_view"),
+):
+    """Student (S views) and teacher (T views) of one (B, K) shape on one device, with cross-view pairs.
+
+    Returns (student list, teacher list, number of pairs S * T - min(S, T)).
+    """
+    check_positive("student_temp", student_temp)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    student, teacher = view_list(names[0], student_views), view_list(names[1], teacher_views)
+    check_same_device(**{names[0]: student[0], names[1]: teacher[0]})
+    if teacher[0].shape != student[0].shape:
+        raise ValueError(
+            f"{names[1]} views are (B, K)={tuple(teacher[0].shape)} but {names[0]} views are {tuple(student[0].shape)}"
+        )
+    n_pairs = len(student) * len(teacher) - min(len(student), len(teacher))
+    if n_pairs == 0:
+        raise ValueError(f"no cross-view pairs: {len(student)} student view(s) and {len(teacher)} teacher view(s)")
+    return student, teacher, n_pairs
+
+
+def check_ibot_loss_input(
+    student, teacher, masks, student_temp: float, names=("student_patch_logits", "teacher_patch_probs")
+) -> torch.Tensor:
+    """iBOT's patch logits/targets, dense (B, N, K) or masked-only (M, K), against masks (B, N) or
+    (B, H, W) bool. Returns the masks flattened to (B, N); reads the masked count on the host."""
+    check_positive("student_temp", student_temp)
+    check_tensor("masks", masks, ndim=(2, 3), floating=False)
+    if masks.dtype != torch.bool:
+        raise ValueError(f"masks must be a bool tensor, got {masks.dtype}")
+    check_tensor(names[0], student, ndim=(2, 3))
+    check_tensor(names[1], teacher, ndim=(2, 3))
+    check_same_device(**{names[0]: student, names[1]: teacher, "masks": masks})
+    if student.shape != teacher.shape:
+        raise ValueError(f"{names[0]} has shape {tuple(student.shape)} but {names[1]} has {tuple(teacher.shape)}")
+    check_nonempty(names[0], student, -1)
+    flat = masks.flatten(1)
+    B, N = flat.shape
+    check_nonempty("masks", flat)
+    if student.ndim == 3:
+        if student.shape[:2] != (B, N):
+            raise ValueError(
+                f"dense {names[0]} must be (B, N, K) = ({B}, {N}, K) to match masks {tuple(masks.shape)}, got {tuple(student.shape)}"
+            )
+    else:
+        M = int(flat.sum())
+        if student.shape[0] != M:
+            raise ValueError(f"masked {names[0]} has {student.shape[0]} rows but masks has {M} True entries")
+    return flat
+
+
+def check_finite_result(name: str, inputs: str, *values: torch.Tensor) -> None:
+    """ValueError if any of `values`, computed from `inputs`, holds NaN or inf. One device-to-host sync."""
+    if not bool(torch.stack([torch.isfinite(v).all() for v in values]).all()):
+        raise ValueError(f"{name} is not finite: {inputs} hold NaN or inf (pass check_finite=False to skip this check)")
 
 
 def check_qkv(q, k, v, layout: str) -> None:

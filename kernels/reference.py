@@ -15,12 +15,12 @@ import torch.nn.functional as F
 
 from dinotron.kernels.checks import (
     check_cu_seqlens,
+    check_dino_loss_input,
+    check_ibot_loss_input,
     check_nonempty,
     check_positive,
     check_qkv,
-    check_same_device,
     check_tensor,
-    stack_views,
 )
 
 
@@ -60,14 +60,19 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     K = teacher_logits.shape[-1]
-    c = _center_vector(center, K)
+    _center_vector(center, K)
     rows = teacher_logits.reshape(-1, K).float()
-    batch_sum = rows.sum(dim=0)
-    n = torch.tensor(float(rows.shape[0]), device=rows.device)
+    return center_ema(center, rows.sum(dim=0), rows.shape[0], momentum)
+
+
+def center_ema(center: torch.Tensor, batch_sum: torch.Tensor, n_rows: int, momentum: float) -> torch.Tensor:
+    """center * momentum + batch_sum / n_rows * (1 - momentum), with batch_sum (K,) float32 and
+    n_rows all-reduced first when torch.distributed is initialised. Shaped and typed like `center`."""
+    n = torch.tensor(float(n_rows), device=batch_sum.device)
     if _distributed():
         dist.all_reduce(batch_sum)
         dist.all_reduce(n)
-    new = c * momentum + batch_sum / n * (1.0 - momentum)
+    new = center.float().reshape(batch_sum.shape) * momentum + batch_sum / n * (1.0 - momentum)
     return new.reshape(center.shape).to(center.dtype)
 
 
@@ -82,23 +87,30 @@ def _all_reduce_logsumexp(lse: torch.Tensor) -> torch.Tensor:
     return m + torch.log(s)
 
 
+def check_sinkhorn_input(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int) -> None:
+    """The argument checks sinkhorn_knopp_teacher shares with its Triton kernels."""
+    check_tensor("teacher_logits", teacher_logits, ndim=2)
+    check_nonempty("teacher_logits", teacher_logits)
+    check_nonempty("teacher_logits", teacher_logits, 1)
+    check_positive("teacher_temp", teacher_temp)
+    if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
+        raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
+
+
 @torch.no_grad()
 def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp teacher targets (SwAV/DINOv2): rows are samples, columns are prototypes.
 
     teacher_logits: (B, K) float. Returns (B, K) float32 whose rows each sum to 1 and whose
-    columns each sum to B_total / K, where B_total is the number of rows over all ranks.
+    columns each sum to about B_total / K (exactly in the limit of many iterations), where B_total
+    is the number of rows over all ranks.
 
     Same iterations as dinov2's DINOLoss.sinkhorn_knopp_teacher, written in log-space so that no
     exp can overflow or underflow: Q = exp(L + log_r[None, :] + log_c[:, None]) with L the scaled
     logits; each iteration sets the prototype scaling log_r (rows of dinov2's K x B matrix sum to
     1/K), then the sample scaling log_c (columns sum to 1/B); the result is multiplied by B.
     """
-    check_tensor("teacher_logits", teacher_logits, ndim=2)
-    check_nonempty("teacher_logits", teacher_logits)
-    check_positive("teacher_temp", teacher_temp)
-    if n_iterations < 1:
-        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+    check_sinkhorn_input(teacher_logits, teacher_temp, n_iterations)
     L = teacher_logits.float() / teacher_temp
     B_total = torch.tensor(float(L.shape[0]), device=L.device)
     if _distributed():
@@ -111,6 +123,22 @@ def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_temp: float, n_
     return torch.exp(L + log_r[None, :] + log_c[:, None]) * B_total
 
 
+@torch.no_grad()
+def dinov2_sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """dinov2's DINOLoss.sinkhorn_knopp_teacher as written (single process, exp space, so it overflows
+    once |logits| / teacher_temp nears 88): the transcription tests and benchmarks compare against."""
+    Q = torch.exp(teacher_output.float() / teacher_temp).t()
+    B, K = Q.shape[1], Q.shape[0]
+    Q /= torch.sum(Q)
+    for _ in range(n_iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
 def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: float = 0.1, reduction: str = "mean") -> torch.Tensor:
     """DINO cross-entropy over all (student view, teacher view) pairs except a view with itself.
 
@@ -121,22 +149,9 @@ def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: flo
     reduction="mean": average over the S*T - min(S, T) pairs (lightly's DINOLoss, and what dinov2's
     meta-arch reports); "sum": sum over pairs (dinov2's DINOLoss.forward). Returns a float32 scalar.
     """
-    student = stack_views("student_logits_per_view", student_logits_per_view)
-    teacher = stack_views("teacher_probs_per_view", teacher_probs_per_view)
-    check_same_device(student_logits_per_view=student, teacher_probs_per_view=teacher)
-    check_positive("student_temp", student_temp)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    S, B, K = student.shape
-    if teacher.shape[1:] != (B, K):
-        raise ValueError(
-            f"teacher_probs_per_view views are (B, K)={tuple(teacher.shape[1:])} but student_logits_per_view "
-            f"views are {(B, K)}"
-        )
-    T = teacher.shape[0]
-    n_pairs = S * T - min(S, T)
-    if n_pairs == 0:
-        raise ValueError(f"no cross-view pairs: {S} student view(s) and {T} teacher view(s)")
+    student, teacher, n_pairs = check_dino_loss_input(student_logits_per_view, teacher_probs_per_view, student_temp, reduction)
+    student, teacher = torch.stack(student), torch.stack(teacher)
+    T, S, B = teacher.shape[0], student.shape[0], student.shape[1]
     log_p = F.log_softmax(student.float() / student_temp, dim=-1)
     ce = -torch.einsum("tbk,sbk->ts", teacher.float(), log_p) / B  # (T, S) batch-mean per pair
     same_view = torch.eye(T, S, dtype=torch.bool, device=ce.device)
@@ -158,32 +173,11 @@ def ibot_patch_loss(
     loss = -1/B * sum_b 1/max(n_b, 1) * sum_{masked p of image b} sum_k t[p, k] log_softmax(s[p] / student_temp)[k].
     Returns a float32 scalar.
     """
-    check_tensor("masks", masks, ndim=(2, 3), floating=False)
-    if masks.dtype != torch.bool:
-        raise ValueError(f"masks must be a bool tensor, got {masks.dtype}")
-    check_tensor("student_patch_logits", student_patch_logits, ndim=(2, 3))
-    check_tensor("teacher_patch_probs", teacher_patch_probs, ndim=(2, 3))
-    check_same_device(student_patch_logits=student_patch_logits, teacher_patch_probs=teacher_patch_probs, masks=masks)
-    check_positive("student_temp", student_temp)
-    if student_patch_logits.shape != teacher_patch_probs.shape:
-        raise ValueError(
-            f"student_patch_logits has shape {tuple(student_patch_logits.shape)} but teacher_patch_probs has "
-            f"{tuple(teacher_patch_probs.shape)}"
-        )
-    flat = masks.flatten(1)
+    flat = check_ibot_loss_input(student_patch_logits, teacher_patch_probs, masks, student_temp)
     B, N = flat.shape
-    check_nonempty("masks", flat)
     if student_patch_logits.ndim == 3:
-        if student_patch_logits.shape[:2] != (B, N):
-            raise ValueError(
-                f"dense student_patch_logits must be (B, N, K) = ({B}, {N}, K) to match masks {tuple(masks.shape)}, "
-                f"got {tuple(student_patch_logits.shape)}"
-            )
         s, t = student_patch_logits[flat], teacher_patch_probs[flat]
     else:
-        M = int(flat.sum())
-        if student_patch_logits.shape[0] != M:
-            raise ValueError(f"masked student_patch_logits has {student_patch_logits.shape[0]} rows but masks has {M} True entries")
         s, t = student_patch_logits, teacher_patch_probs
     ce = -(t.float() * F.log_softmax(s.float() / student_temp, dim=-1)).sum(dim=-1)  # (M,)
     weights = (1.0 / flat.sum(dim=1).clamp(min=1).float())[:, None].expand(B, N)[flat]

@@ -46,18 +46,7 @@ def test_update_center_hand_computed():
 
 # ---- sinkhorn_knopp_teacher ---------------------------------------------------------------------
 
-def dinov2_sinkhorn_literal(teacher_output, teacher_temp, n_iterations=3):
-    """dinov2's DINOLoss.sinkhorn_knopp_teacher, single process, transcribed literally."""
-    Q = torch.exp(teacher_output.float() / teacher_temp).t()
-    B, K = Q.shape[1], Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(n_iterations):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
+dinov2_sinkhorn_literal = ref.dinov2_sinkhorn_knopp  # dinov2's DINOLoss.sinkhorn_knopp_teacher, transcribed
 
 
 @pytest.mark.parametrize("B,K,n_it", [(8, 16, 3), (5, 100, 1), (64, 1000, 3), (3, 7, 10)])

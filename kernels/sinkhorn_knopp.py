@@ -1,0 +1,100 @@
+"""Sinkhorn-Knopp teacher targets (SwAV / dinov2) in scaling-vector form, in log-space.
+
+dinov2 normalises Q = exp(L), L = logits / teacher_temp (B rows, K prototypes), alternately over
+prototypes and samples. Q is never stored here: it is exp(L[r, k] + b[k] + a[r]) for a prototype
+scaling b and a sample scaling a, and each half-iteration recomputes the exps it needs from L:
+
+    b[k] = -logsumexp_r(L[r, k] + a[r])     a kernel over column blocks, looping over the rows
+    a[r] = -logsumexp_k(L[r, k] + b[k])     softmax_center's row kernel, with b as the column bias
+
+Constant shifts (dinov2's 1/K, 1/B and the initial 1/sum Q) cancel in the next normalisation; the
+last half-iteration makes every row sum to 1, which is dinov2's Q * B. With torch.distributed
+initialised, b's log-sum-exp over rows is all-reduced across ranks every iteration (a K-vector, as
+dinov2's all_reduce of the prototype sums; in log-space it takes a max and a sum all_reduce, as the
+reference). sinkhorn_knopp_teacher materialises the probabilities, as dinov2's returns them; the
+fused losses keep (b, a) and recompute them in the cross-entropy kernel (layout.TeacherTargets).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dinotron.kernels import reference
+from dinotron.kernels.backend import resolve_backend
+from dinotron.kernels.checks import check_finite_result
+from dinotron.kernels.layout import TeacherTargets, ViewTable, row_pointers, rows_table, tile
+from dinotron.kernels.softmax_center import row_lse
+
+
+@triton.jit
+def _col_lse_kernel(
+    X, X_OFFSETS, ROW_LSE, OUT, n_rows, K, rows_per_view, row_stride, scale,
+    HAS_ROW_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """OUT[k] = logsumexp_r(x[r, k] * scale - ROW_LSE[r]) over the R rows of a view table."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    m = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_K,), tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r < n_rows
+        rows = row_pointers(X, X_OFFSETS, tl.where(r_mask, r, 0), rows_per_view, row_stride, ALIGN)
+        x = tl.load(rows[:, None] + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        z = x * scale
+        if HAS_ROW_LSE:
+            z -= tl.load(ROW_LSE + r, mask=r_mask, other=0.0)[:, None]
+        z = tl.where(r_mask[:, None], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[None, :]), axis=0)
+        m = m_new
+    tl.store(OUT + k, m + tl.log(s), mask=k_mask)
+
+
+def _column_lse(table: ViewTable, scale: float, row: torch.Tensor | None) -> torch.Tensor:
+    V, B, K = table.shape
+    R = V * B
+    block_r = min(32, triton.next_power_of_2(R))
+    block_k = max(16, min(tile(4096) // block_r, triton.next_power_of_2(K)))
+    out = torch.empty(K, dtype=torch.float32, device=table.base.device)
+    _col_lse_kernel[(triton.cdiv(K, block_k),)](
+        table.base, table.offsets, row, out, R, K, B, table.row_stride, scale,
+        HAS_ROW_LSE=row is not None, BLOCK_R=block_r, BLOCK_K=block_k, ALIGN=table.align, num_warps=8,
+    )
+    return out
+
+
+def sinkhorn_knopp_targets(
+    teacher: ViewTable, teacher_temp: float, n_iterations: int = 3, write_probs: bool = False,
+) -> tuple[TeacherTargets, torch.Tensor | None]:
+    """Sinkhorn-Knopp targets of the R = V * B teacher rows of `teacher` (one matrix, as dinov2's
+    sinkhorn over all global crops), and their (R, K) float32 probabilities if write_probs."""
+    scale = 1.0 / teacher_temp
+    row, probs = None, None
+    for it in range(n_iterations):
+        col = reference._all_reduce_logsumexp(_column_lse(teacher, scale, row))
+        row, probs, _ = row_lse(teacher, scale, col, -1.0, write_probs=write_probs and it == n_iterations - 1)
+    return TeacherTargets(teacher, row_lse=row, col=col, col_scale=-1.0, logit_scale=scale), probs
+
+
+@torch.no_grad()
+def sinkhorn_knopp_teacher(
+    teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3, *,
+    backend: str | None = None, check_finite: bool = True,
+) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher targets, as dinov2's DINOLoss.sinkhorn_knopp_teacher.
+
+    teacher_logits: (B, K) float32/float16/bfloat16, rows are samples (all global crops of the
+    batch), columns prototypes. Returns (B, K) float32: rows sum to 1, columns to about
+    B_total / K. check_finite=False skips the NaN/inf check of the result (one host sync).
+    """
+    reference.check_sinkhorn_input(teacher_logits, teacher_temp, n_iterations)
+    if resolve_backend(backend, teacher_logits) == "eager":
+        probs = finite = reference.sinkhorn_knopp_teacher(teacher_logits, teacher_temp, n_iterations)
+    else:
+        targets, probs = sinkhorn_knopp_targets(rows_table(teacher_logits), teacher_temp, n_iterations, write_probs=True)
+        finite = targets.row_lse
+    if check_finite:
+        check_finite_result("sinkhorn_knopp_teacher", "teacher_logits", finite)
+    return probs

@@ -1,0 +1,232 @@
+"""DINO's softmax-centred teacher targets and the centre's EMA update, in one pass over the logits.
+
+    p[r, k] = softmax_k((x[r, k] - c[k]) / teacher_temp)
+    c_new   = momentum * c + (1 - momentum) * mean_r x[r, k]      (mean over all ranks' rows)
+
+One program takes BLOCK_R teacher rows: it streams their K columns once with an online max/sum
+(the row's log-sum-exp), and on the same tiles adds the column sums of its rows into one float32
+K-vector (atomic adds: the order of the R / BLOCK_R additions per column, hence the last bits of
+the centre, may vary between runs); a second small kernel applies the EMA. With
+probabilities requested the program reads its rows a second time (from L2) to write them; the fused
+DINO/iBOT losses ask only for the log-sum-exp and recompute p inside the cross-entropy kernel
+(layout.TeacherTargets), so the (R, K) probabilities are never stored. Sinkhorn-Knopp's row pass is
+the same kernel with another column bias. No autograd: teacher targets carry no gradient, as in dinov2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dinotron.kernels import reference
+from dinotron.kernels.backend import resolve_backend
+from dinotron.kernels.checks import check_finite_result, check_nonempty, check_positive, check_same_device, check_tensor
+from dinotron.kernels.layout import TeacherTargets, ViewTable, row_pointers, rows_table, tile
+
+_BLOCK_R_CENTER = 4  # rows per program when summing columns for the centre: R / 4 atomic adds per column
+
+
+@triton.jit
+def _row_lse_kernel(
+    X, X_OFFSETS, BIAS, LSE, PROBS, COLSUM,
+    n_rows, K, rows_per_view, row_stride, scale, bias_scale,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_COLSUM: tl.constexpr, WRITE_PROBS: tl.constexpr,
+):
+    """Rows r of the table: LSE[r] = logsumexp_k(z) with z = x * scale + bias_scale * BIAS[k];
+    COLSUM[k] += sum over the program's rows of x (zero-initialised); PROBS[r, k] = exp(z - LSE[r])."""
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < n_rows
+    rows = row_pointers(X, X_OFFSETS, tl.where(r_mask, r, 0), rows_per_view, row_stride, ALIGN)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_R,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        x = tl.load(rows[:, None] + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        if WITH_COLSUM:
+            tl.atomic_add(COLSUM + k, tl.sum(x, axis=0), mask=k_mask, sem="relaxed")
+        z = _biased(x, BIAS, k, k_mask, scale, bias_scale, HAS_BIAS)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(s)
+    tl.store(LSE + r, lse, mask=r_mask)
+    if WRITE_PROBS:
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k < K
+            mask = r_mask[:, None] & k_mask[None, :]
+            x = tl.load(rows[:, None] + k[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = _biased(x, BIAS, k, k_mask, scale, bias_scale, HAS_BIAS)
+            tl.store(PROBS + r.to(tl.int64)[:, None] * K + k[None, :], tl.exp(z - lse[:, None]), mask=mask)
+
+
+@triton.jit
+def _biased(x, BIAS, k, k_mask, scale, bias_scale, HAS_BIAS: tl.constexpr):
+    """x * scale + bias_scale * BIAS[k] on the valid columns, -inf on the others."""
+    z = x * scale
+    if HAS_BIAS:
+        z += bias_scale * tl.load(BIAS + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(k_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _center_ema_kernel(
+    PARTIAL, CENTER, OUT, n_partial, partial_stride, K, inv_count, momentum,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """OUT[k] = momentum * CENTER[k] + (1 - momentum) * inv_count * sum_p PARTIAL[p, k]."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    total = tl.zeros((BLOCK_K,), tl.float32)
+    for p0 in range(0, n_partial, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < n_partial)[:, None] & k_mask[None, :]
+        total += tl.sum(tl.load(PARTIAL + p.to(tl.int64)[:, None] * partial_stride + k[None, :], mask=mask, other=0.0).to(tl.float32), axis=0)
+    center = tl.load(CENTER + k, mask=k_mask, other=0.0).to(tl.float32)
+    new = momentum * center + (1.0 - momentum) * inv_count * total
+    tl.store(OUT + k, new.to(OUT.dtype.element_ty), mask=k_mask)
+
+
+def row_lse(
+    table: ViewTable, scale: float, bias: torch.Tensor | None = None, bias_scale: float = 0.0,
+    write_probs: bool = False, with_colsum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch _row_lse_kernel over the R = V * B rows of `table`.
+
+    Returns (lse (R,) float32, probabilities (R, K) float32 or None, column sums (1, K) float32 or None).
+    """
+    V, B, K = table.shape
+    R = V * B
+    device = table.base.device
+    block_r = min(tile(_BLOCK_R_CENTER if with_colsum else 1), triton.next_power_of_2(R))
+    block_k = max(16, min(tile(4096) // block_r, triton.next_power_of_2(K)))
+    programs = triton.cdiv(R, block_r)
+    lse = torch.empty(R, dtype=torch.float32, device=device)
+    probs = torch.empty(R, K, dtype=torch.float32, device=device) if write_probs else None
+    colsum = torch.zeros(1, K, dtype=torch.float32, device=device) if with_colsum else None
+    _row_lse_kernel[(programs,)](
+        table.base, table.offsets, bias, lse, probs, colsum,
+        R, K, B, table.row_stride, scale, bias_scale,
+        BLOCK_R=block_r, BLOCK_K=block_k, ALIGN=table.align,
+        HAS_BIAS=bias is not None, WITH_COLSUM=with_colsum, WRITE_PROBS=write_probs,
+        num_warps=8,
+    )
+    return lse, probs, colsum
+
+
+def center_ema(center: torch.Tensor, partial: torch.Tensor, n_rows: int, momentum: float) -> torch.Tensor:
+    """New centre (shaped and typed like `center`) from partial column sums (P, K) of n_rows rows in all
+    (the logits themselves, or their sums); with torch.distributed initialised the sums and row counts
+    are all-reduced first, as dinov2 does."""
+    if reference._distributed():
+        return reference.center_ema(center, partial.float().sum(dim=0), n_rows, momentum)
+    K = partial.shape[1]
+    out = torch.empty(center.shape, dtype=center.dtype, device=center.device)
+    block_k = tile(256)
+    _center_ema_kernel[(triton.cdiv(K, block_k),)](
+        partial, center.contiguous(), out, partial.shape[0], partial.stride(0), K, 1.0 / n_rows, momentum,
+        BLOCK_P=16, BLOCK_K=block_k,
+    )
+    return out
+
+
+def softmax_center_targets(
+    teacher: ViewTable, center: torch.Tensor, teacher_temp: float, momentum: float,
+) -> tuple[TeacherTargets, torch.Tensor]:
+    """Lazy softmax-centred targets of the teacher logits (one pass over them), and the updated centre."""
+    col = center.reshape(-1).clone(memory_format=torch.contiguous_format)  # the targets outlive in-place centre updates
+    lse, _, colsum = row_lse(teacher, 1.0 / teacher_temp, col, -1.0 / teacher_temp, with_colsum=True)
+    targets = TeacherTargets(teacher, row_lse=lse, col=col, col_scale=-1.0 / teacher_temp, logit_scale=1.0 / teacher_temp)
+    return targets, center_ema(center, colsum, lse.shape[0], momentum)
+
+
+def _check_teacher_args(teacher_logits, center, teacher_temp: float, ndim=None) -> int:
+    """K, after checking the logits (non-empty), the centre's size and the temperature."""
+    check_tensor("teacher_logits", teacher_logits, ndim=ndim)
+    for dim in range(teacher_logits.ndim):
+        check_nonempty("teacher_logits", teacher_logits, dim)
+    check_positive("teacher_temp", teacher_temp)
+    K = teacher_logits.shape[-1]
+    reference._center_vector(center, K)
+    check_same_device(teacher_logits=teacher_logits, center=center)
+    return K
+
+
+def _check_momentum(momentum: float) -> None:
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+
+
+def _softmax_center(name, teacher_logits, center, teacher_temp, momentum, backend, check_finite):
+    """(probabilities, new centre or None without momentum), on the backend `backend` resolves to."""
+    _check_teacher_args(teacher_logits, center, teacher_temp, ndim=None if momentum is None else (2, 3))
+    if momentum is not None:
+        _check_momentum(momentum)
+    if resolve_backend(backend, teacher_logits, center) == "eager":
+        probs = reference.softmax_center_teacher(teacher_logits, center, teacher_temp)
+        new = None if momentum is None else reference.update_center(center, teacher_logits, momentum)
+        finite = [probs]
+    else:
+        col = center.reshape(-1).contiguous()
+        lse, probs, colsum = row_lse(
+            rows_table(teacher_logits), 1.0 / teacher_temp, col, -1.0 / teacher_temp, write_probs=True, with_colsum=momentum is not None
+        )
+        new = None if momentum is None else center_ema(center, colsum, lse.shape[0], momentum)
+        probs, finite = probs.reshape(teacher_logits.shape), [lse]
+    if check_finite:  # a -inf logit has probability 0, but would make the centre -inf
+        check_finite_result(name, "teacher_logits or center", *finite, *([] if new is None else [new]))
+    return probs, new
+
+
+@torch.no_grad()
+def softmax_center_teacher(
+    teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float, *,
+    backend: str | None = None, check_finite: bool = True,
+) -> torch.Tensor:
+    """softmax((teacher_logits - center) / teacher_temp) over the last dim, as dinov2.
+
+    teacher_logits: (..., K) float32/float16/bfloat16, e.g. (B, K) or (V, B, K); center: K elements,
+    e.g. (1, K). Returns float32 probabilities shaped like teacher_logits. check_finite=False skips
+    the NaN/inf check of the result (one device-to-host sync).
+    """
+    return _softmax_center("softmax_center_teacher", teacher_logits, center, teacher_temp, None, backend, check_finite)[0]
+
+
+@torch.no_grad()
+def softmax_center_and_update_teacher(
+    teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float, momentum: float = 0.9, *,
+    backend: str | None = None, check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax_center_teacher and update_center in one pass over the teacher logits.
+
+    teacher_logits: (B, K) or (V, B, K). Returns (probabilities, float32 shaped like teacher_logits;
+    the new centre, shaped and typed like `center`). The probabilities use the old centre, as
+    dinov2's softmax_center_teacher followed by update_center (all-reduced over ranks likewise).
+    """
+    return _softmax_center("softmax_center_and_update_teacher", teacher_logits, center, teacher_temp, momentum, backend, check_finite)
+
+
+@torch.no_grad()
+def update_center(
+    center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float = 0.9, *,
+    backend: str | None = None, check_finite: bool = True,
+) -> torch.Tensor:
+    """EMA of the batch mean: center * momentum + mean(teacher_logits) * (1 - momentum), as dinov2.
+
+    center: K elements; teacher_logits: (B, K) or (V, B, K), the mean is over every leading dim and,
+    with torch.distributed initialised, over all ranks. Returns a new tensor shaped and typed like
+    `center`.
+    """
+    K = _check_teacher_args(teacher_logits, center, 1.0, ndim=(2, 3))
+    _check_momentum(momentum)
+    if resolve_backend(backend, teacher_logits, center) == "eager":
+        new = reference.update_center(center, teacher_logits, momentum)
+    else:
+        rows = teacher_logits.reshape(-1, K)
+        new = center_ema(center, rows if rows.stride(1) == 1 else rows.contiguous(), rows.shape[0], momentum)
+    if check_finite:
+        check_finite_result("update_center", "teacher_logits or center", new)
+    return new
