@@ -108,6 +108,7 @@ N_PARAMS = 13
 
 _TRIALS = 10  # RandomResizedCrop attempts before its centre-crop fallback (as torchvision)
 _SLOTS_PER_VIEW = 4 * _TRIALS + 16
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -117,41 +118,57 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def uniforms(seed: int, epoch: int, sample_ids: np.ndarray, n: int) -> np.ndarray:
-    """(len(sample_ids), n) float64 in [0, 1): a pure function of (seed, epoch, sample id, column)."""
-    golden = np.uint64(0x9E3779B97F4A7C15)
+def _sample_keys(seed: int, epoch: int, sample_ids) -> np.ndarray:
     with np.errstate(over="ignore"):
-        key = _mix64(np.array([seed & (2**64 - 1)], np.uint64) * golden + np.uint64(epoch & (2**64 - 1)))
-        key = _mix64(key ^ (np.asarray(sample_ids, np.uint64) * golden))  # (N,)
-        bits = _mix64(key[:, None] + np.arange(1, n + 1, dtype=np.uint64)[None, :] * golden)
+        key = _mix64(np.array([seed & (2**64 - 1)], np.uint64) * _GOLDEN + np.uint64(epoch & (2**64 - 1)))
+        return _mix64(key ^ (np.asarray(sample_ids, np.uint64) * _GOLDEN))
+
+
+def _unit(keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Uniforms in [0, 1) of (key, slot) pairs (broadcast), float64 with 53 random bits."""
+    with np.errstate(over="ignore"):
+        bits = _mix64(keys + (slots.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _random_resized_crop(u: np.ndarray, h: np.ndarray, w: np.ndarray, scale, ratio) -> np.ndarray:
-    """torchvision's RandomResizedCrop.get_params, vectorised: (N, 4 * _TRIALS) uniforms -> (N, 4) y0, x0, y1, x1."""
-    n = len(h)
-    u = u.reshape(n, _TRIALS, 4)
-    area = (h * w).astype(np.float64)[:, None]
-    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+def uniforms(seed: int, epoch: int, sample_ids, n: int) -> np.ndarray:
+    """(len(sample_ids), n) float64 in [0, 1): a pure function of (seed, epoch, sample id, column)."""
+    return _unit(_sample_keys(seed, epoch, sample_ids)[:, None], np.arange(n)[None, :])
+
+
+def _random_resized_crops(keys, h, w, scale_lo, scale_hi, ratio) -> np.ndarray:
+    """torchvision's RandomResizedCrop.get_params for every (sample, view), vectorised: (N, V, 4) y0, x0, y1, x1.
+
+    keys: (N,) sample keys; h, w: (N,) image sizes; scale_lo/hi: (V,). Trial t of view v draws slots
+    v * _SLOTS_PER_VIEW + 4t .. 4t+3; only pairs still without a crop draw the next trial.
+    """
+    n, v = len(h), len(scale_lo)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    cw = np.rint(np.sqrt(target * aspect)).astype(np.int64)
-    ch = np.rint(np.sqrt(target / aspect)).astype(np.int64)
-    ok = (cw > 0) & (ch > 0) & (cw <= w[:, None]) & (ch <= h[:, None])
-    first = np.argmax(ok, axis=1)
-    found = ok[np.arange(n), first]
-    rows = np.arange(n)
-    ch, cw = ch[rows, first], cw[rows, first]
-    y0 = np.floor(u[rows, first, 2] * (h - ch + 1)).astype(np.int64)
-    x0 = np.floor(u[rows, first, 3] * (w - cw + 1)).astype(np.int64)
     # Fallback: the whole image, clamped to the ratio range, centred.
     in_ratio = w / h
-    fw = np.where(in_ratio < ratio[0], w, np.where(in_ratio > ratio[1], np.rint(h * ratio[1]).astype(np.int64), w))
+    fw = np.where(in_ratio > ratio[1], np.rint(h * ratio[1]).astype(np.int64), w)
     fh = np.where(in_ratio < ratio[0], np.rint(w / ratio[0]).astype(np.int64), h)
-    ch, cw = np.where(found, ch, fh), np.where(found, cw, fw)
-    y0 = np.where(found, y0, (h - ch) // 2)
-    x0 = np.where(found, x0, (w - cw) // 2)
-    return np.stack([y0, x0, y0 + ch, x0 + cw], axis=1)
+    box = np.empty((n, v, 4), np.int64)
+    box[..., 0] = ((h - fh) // 2)[:, None]
+    box[..., 1] = ((w - fw) // 2)[:, None]
+    box[..., 2] = box[..., 0] + fh[:, None]
+    box[..., 3] = box[..., 1] + fw[:, None]
+    pn, pv = np.divmod(np.arange(n * v), v)  # pending (sample, view) pairs
+    for t in range(_TRIALS):
+        if not len(pn):
+            break
+        u = _unit(keys[pn][:, None], (pv * _SLOTS_PER_VIEW + 4 * t)[:, None] + np.arange(4)[None, :])
+        hh, ww = h[pn], w[pn]
+        target = hh * ww * (scale_lo[pv] + (scale_hi[pv] - scale_lo[pv]) * u[:, 0])
+        aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+        cw = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+        ch = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+        ok = (cw > 0) & (ch > 0) & (cw <= ww) & (ch <= hh)
+        y0 = np.floor(u[:, 2] * (hh - ch + 1)).astype(np.int64)
+        x0 = np.floor(u[:, 3] * (ww - cw + 1)).astype(np.int64)
+        box[pn[ok], pv[ok]] = np.stack([y0, x0, y0 + ch, x0 + cw], axis=1)[ok]
+        pn, pv = pn[~ok], pv[~ok]
+    return box
 
 
 def sample_params(cfg: MultiCropConfig, seed: int, epoch: int, sample_ids, heights, widths) -> np.ndarray:
@@ -161,23 +178,28 @@ def sample_params(cfg: MultiCropConfig, seed: int, epoch: int, sample_ids, heigh
     """
     h = np.asarray(heights, np.int64)
     w = np.asarray(widths, np.int64)
-    n = len(h)
-    u = uniforms(seed, epoch, sample_ids, cfg.n_views * _SLOTS_PER_VIEW).reshape(n, cfg.n_views, _SLOTS_PER_VIEW)
-    out = np.zeros((n, cfg.n_views, N_PARAMS), np.float32)
+    keys = _sample_keys(seed, epoch, sample_ids)
+    views = np.arange(cfg.n_views)
+    is_global = views < cfg.n_global
+    scale_lo = np.where(is_global, cfg.global_scale[0], cfg.local_scale[0])
+    scale_hi = np.where(is_global, cfg.global_scale[1], cfg.local_scale[1])
+    out = np.zeros((len(h), cfg.n_views, N_PARAMS), np.float32)
+    out[..., P_Y0:P_X1 + 1] = _random_resized_crops(keys, h, w, scale_lo, scale_hi, cfg.ratio)
+    r = _unit(keys[:, None, None], (views * _SLOTS_PER_VIEW + 4 * _TRIALS)[None, :, None] + np.arange(10)[None, None, :])
     jb, jc, js, jh = cfg.color_jitter
-    for v in range(cfg.n_views):
-        uv = u[:, v]
-        scale = cfg.global_scale if v < cfg.n_global else cfg.local_scale
-        out[:, v, P_Y0:P_X1 + 1] = _random_resized_crop(uv[:, : 4 * _TRIALS], h, w, scale, cfg.ratio)
-        r = uv[:, 4 * _TRIALS:]
-        out[:, v, P_FLIP] = r[:, 0] < cfg.flip_p
-        jitter = r[:, 1] < cfg.color_jitter_p
-        out[:, v, P_BRIGHT] = np.where(jitter, max(0.0, 1 - jb) + (1 + jb - max(0.0, 1 - jb)) * r[:, 2], 1.0)
-        out[:, v, P_CONTRAST] = np.where(jitter, max(0.0, 1 - jc) + (1 + jc - max(0.0, 1 - jc)) * r[:, 3], 1.0)
-        out[:, v, P_SAT] = np.where(jitter, max(0.0, 1 - js) + (1 + js - max(0.0, 1 - js)) * r[:, 4], 1.0)
-        out[:, v, P_HUE] = np.where(jitter, -jh + 2 * jh * r[:, 5], 0.0)
-        out[:, v, P_GRAY] = r[:, 6] < cfg.grayscale_p
-        out[:, v, P_BLUR] = r[:, 7] < cfg.blur_p(v)
-        out[:, v, P_SIGMA] = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * r[:, 8]
-        out[:, v, P_SOLARIZE] = r[:, 9] < cfg.solarize_p(v)
+    jitter = r[..., 1] < cfg.color_jitter_p
+
+    def factor(strength, u):  # ColorJitter's uniform factor in [max(0, 1 - s), 1 + s]
+        lo = max(0.0, 1 - strength)
+        return np.where(jitter, lo + (1 + strength - lo) * u, 1.0)
+
+    out[..., P_FLIP] = r[..., 0] < cfg.flip_p
+    out[..., P_BRIGHT] = factor(jb, r[..., 2])
+    out[..., P_CONTRAST] = factor(jc, r[..., 3])
+    out[..., P_SAT] = factor(js, r[..., 4])
+    out[..., P_HUE] = np.where(jitter, -jh + 2 * jh * r[..., 5], 0.0)
+    out[..., P_GRAY] = r[..., 6] < cfg.grayscale_p
+    out[..., P_BLUR] = r[..., 7] < np.array([cfg.blur_p(v) for v in views])
+    out[..., P_SIGMA] = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * r[..., 8]
+    out[..., P_SOLARIZE] = r[..., 9] < np.array([cfg.solarize_p(v) for v in views])
     return out

@@ -166,19 +166,31 @@ class _DaliBase(ShardLoader):
         self._next = self._advance(epoch, b)
 
     def _restart(self, epoch: int, start: int) -> None:
-        self._pipe, self._inflight = None, deque()
-        self._pipe = self._build()
+        """Schedule batches from (epoch, start): drain what is in flight (cheaper than a rebuild) or build."""
+        runs = 1  # a fresh pipeline's first schedule_run runs `prefetch` iterations
+        if self._pipe is not None:
+            try:
+                for _ in range(len(self._inflight)):
+                    self._pipe.outputs()
+                runs = self.prefetch
+            except Exception:
+                self._pipe = None
+        self._inflight = deque()
+        if self._pipe is None:
+            self._pipe = self._build()
         self._next = (epoch, start)
-        for _ in range(self.prefetch):  # the first schedule_run runs `prefetch` iterations
+        for _ in range(self.prefetch):
             self._feed()
-        self._pipe.schedule_run()
+        for _ in range(runs):
+            self._pipe.schedule_run()
 
     def _batches(self, epoch: int, start: int):
         if self._pipe is None or not self._inflight or self._inflight[0][:2] != (epoch, start):
             self._restart(epoch, start)
+        stream = torch.cuda.current_stream(self._pipe.device_id) if self.device == "gpu" else None
         for _ in range(start, len(self)):
             try:
-                outs = self._pipe.outputs()
+                outs = self._pipe.outputs(cuda_stream=stream)
             except RuntimeError as e:
                 ids = self._inflight[0][2]
                 self._pipe, self._inflight = None, deque()
@@ -250,7 +262,7 @@ class MultiCropLoader(_DaliBase):
     def _inputs(self, epoch: int, ids) -> dict:
         data = self._source.encoded(ids)
         params = self._source.params(epoch, ids, self._source.sizes(ids, data))
-        return {"encoded": [np.frombuffer(d, np.uint8) for d in data], "params": list(params)}
+        return {"encoded": data, "params": list(params)}
 
     def _outputs(self, outs, ids) -> dict:
         cfg, n = self.augment, len(ids)
@@ -294,7 +306,7 @@ class EvalLoader(_DaliBase):
         data = [self.reader.image(int(i)) for i in ids]
         for i, d in zip(ids, data):
             decoded_size(d, self.table.where(int(i)))  # a clear error for a broken header, before DALI sees it
-        return {"encoded": [np.frombuffer(d, np.uint8) for d in data]}
+        return {"encoded": data}
 
     def _outputs(self, outs, ids) -> dict:
         return {"images": self._to_torch(outs, len(ids), self.image_size), "labels": self._labels(ids)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import random
 import re
@@ -211,13 +212,12 @@ class SampleTable:
 
 
 class SampleReader:
-    """Reads image bytes and labels of a SampleTable with pread; safe to pickle into worker processes."""
+    """Reads image bytes (zero-copy views of memory-mapped shards) and labels of a SampleTable; picklable."""
 
-    def __init__(self, table: SampleTable, max_open: int = 128):
+    def __init__(self, table: SampleTable, max_open: int = 256):
         self.table = table
         self.max_open = max_open
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._pid = os.getpid()
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __getstate__(self):
         return {"table": self.table, "max_open": self.max_open}
@@ -225,36 +225,31 @@ class SampleReader:
     def __setstate__(self, state):
         self.__init__(state["table"], state["max_open"])
 
-    def __del__(self):
-        if getattr(self, "_pid", None) == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-
-    def _fd(self, s: int) -> int:
-        if self._pid != os.getpid():  # forked: the parent's descriptors are shared, open our own
-            self._fds, self._pid = OrderedDict(), os.getpid()
-        fd = self._fds.get(s)
-        if fd is None:
-            if len(self._fds) >= self.max_open:
-                os.close(self._fds.popitem(last=False)[1])
-            fd = self._fds[s] = os.open(self.table.shards[s], os.O_RDONLY)
+    def _map(self, s: int) -> np.ndarray:
+        m = self._maps.get(s)
+        if m is None:
+            if len(self._maps) >= self.max_open:  # unmapped once the last view of it is gone
+                self._maps.popitem(last=False)
+            with open(self.table.shards[s], "rb") as f:
+                m = self._maps[s] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
         else:
-            self._fds.move_to_end(s)
-        return fd
+            self._maps.move_to_end(s)
+        return m
 
-    def _read(self, s: int, off: int, size: int, i: int) -> bytes:
-        data = os.pread(self._fd(s), size, off)
+    def _read(self, s: int, off: int, size: int, i: int) -> np.ndarray:
+        data = self._map(s)[off:off + size]
         if len(data) != size:
-            raise ShardError(f"{self.table.where(i)}: truncated shard (read {len(data)} of {size} bytes)")
+            raise ShardError(f"{self.table.where(i)}: truncated shard (has {len(data)} of {size} bytes)")
         return data
 
-    def image(self, i: int) -> bytes:
+    def image(self, i: int) -> np.ndarray:
+        """The encoded image of sample i: a read-only uint8 view."""
         t = self.table
         return self._read(int(t.shard[i]), int(t.image_off[i]), int(t.image_size[i]), i)
 
     def label(self, i: int) -> int:
         t = self.table
-        raw = self._read(int(t.shard[i]), int(t.label_off[i]), int(t.label_size[i]), i)
+        raw = self._read(int(t.shard[i]), int(t.label_off[i]), int(t.label_size[i]), i).tobytes()
         try:
             return int(raw.decode().strip())
         except ValueError as e:
@@ -266,9 +261,10 @@ class SampleReader:
         return np.array([self.label(int(i)) for i in ids], np.int64)
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
+def image_size(data) -> tuple[int, int] | None:
     """(height, width) from a JPEG's SOF header without decoding; None if not a baseline/progressive JPEG."""
-    if data[:2] != b"\xff\xd8":
+    data = memoryview(data).cast("B")
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
     pos, n = 2, len(data)
     while pos + 9 < n:
@@ -290,7 +286,7 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decoded_size(data: bytes, where: str) -> tuple[int, int]:
+def decoded_size(data, where: str) -> tuple[int, int]:
     """(height, width) of an encoded image (JPEG header fast path, else PIL); ShardError naming `where` if unreadable."""
     size = image_size(data)
     if size is not None:
@@ -304,8 +300,8 @@ def decoded_size(data: bytes, where: str) -> tuple[int, int]:
         raise ShardError(f"{where}: undecodable image ({type(e).__name__}: {e})") from e
 
 
-def check_decodes(data: bytes) -> str | None:
-    """None if PIL fully decodes `data`, else the reason."""
+def check_decodes(data) -> str | None:
+    """None if PIL fully decodes `data` (bytes-like), else the reason."""
     from PIL import Image
 
     try:
@@ -313,7 +309,13 @@ def check_decodes(data: bytes) -> str | None:
             im.load()
         return None
     except Exception as e:
-        return f"{type(e).__name__}: {e}"
+        return _reason(e)
+
+
+def _reason(e: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    return "not a recognised image format" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,7 +360,7 @@ def _load_for_shard(path: Path) -> tuple[bytes | None, str | None]:
             im.convert("RGB").save(buf, format="JPEG", quality=95)
             return buf.getvalue(), None
     except Exception as e:
-        return None, f"{type(e).__name__}: {e}"
+        return None, _reason(e)
 
 
 def _sample_key(rel: Path, used: set[str]) -> str:

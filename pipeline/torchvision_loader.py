@@ -20,10 +20,10 @@ from dinotron.pipeline.shards import ShardError, check_decodes
 _INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
-def decode(data: bytes, where: str) -> torch.Tensor:
-    """Encoded image -> (3, H, W) uint8 RGB; ShardError naming `where` if it does not decode."""
+def decode(data: np.ndarray, where: str) -> torch.Tensor:
+    """Encoded image (uint8 array) -> (3, H, W) uint8 RGB; ShardError naming `where` if it does not decode."""
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_image(torch.from_numpy(np.array(data)), mode=ImageReadMode.RGB)
     except Exception as e:
         reason = check_decodes(data) or f"{type(e).__name__}: {e}"
         raise ShardError(f"{where}: undecodable image ({reason})") from e
