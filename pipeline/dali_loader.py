@@ -108,21 +108,34 @@ def build_multicrop_pipeline(cfg: MultiCropConfig, batch_size: int, *, device: s
     return _pipeline(graph, batch_size, device, device_id, num_threads, prefetch)
 
 
-def build_eval_pipeline(batch_size: int, *, image_size: int, resize_size: int, mean, std, interpolation: str,
-                        device: str, device_id: int | None = None, num_threads: int = 4, prefetch: int = 2,
+def build_eval_pipeline(batch_size: int, *, image_size: int, mean, std, interpolation: str, device: str,
+                        device_id: int | None = None, num_threads: int = 4, prefetch: int = 2,
                         dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65):
-    """DALI pipeline: decode, resize the shorter side to resize_size, centre-crop image_size, normalise."""
+    """DALI pipeline: decode, resize the box "roi" ((4,) float32 y0, x0, y1, x1 per sample, from external source)
+    to image_size x image_size, normalise. With the box of `center_crop_box` this is Resize + CenterCrop."""
     from nvidia.dali import fn, types
 
     interp = types.INTERP_CUBIC if interpolation == "bicubic" else types.INTERP_LINEAR
 
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        images = fn.resize(_decode(encoded, device, hw_decoder_load), resize_shorter=resize_size, interp_type=interp,
-                           antialias=True)
-        return (_normalize(images, mean, std, dtype, crop=(image_size, image_size)),)
+        roi = fn.external_source(name="roi", dtype=types.FLOAT, ndim=1)
+        images = fn.resize(_decode(encoded, device, hw_decoder_load), roi_start=roi[0:2], roi_end=roi[2:4],
+                           size=[image_size, image_size], interp_type=interp, antialias=True)
+        return (_normalize(images, mean, std, dtype),)
 
     return _pipeline(graph, batch_size, device, device_id, num_threads, prefetch)
+
+
+def center_crop_box(h: int, w: int, resize_size: int, image_size: int) -> tuple[float, float, float, float]:
+    """The input box (y0, x0, y1, x1) that torchvision's Resize(resize_size) + CenterCrop(image_size) keeps."""
+    if h <= w:
+        rh, rw = resize_size, int(resize_size * w / h)
+    else:
+        rh, rw = int(resize_size * h / w), resize_size
+    top, left = int(round((rh - image_size) / 2.0)), int(round((rw - image_size) / 2.0))
+    sy, sx = h / rh, w / rw
+    return top * sy, left * sx, (top + image_size) * sy, (left + image_size) * sx
 
 
 class _DaliBase(ShardLoader):
@@ -297,16 +310,15 @@ class EvalLoader(_DaliBase):
         self.interpolation = interpolation
 
     def _build(self):
-        return build_eval_pipeline(self.batch_size, image_size=self.image_size, resize_size=self.resize_size,
-                                   mean=self.mean, std=self.std, interpolation=self.interpolation, device=self.device,
+        return build_eval_pipeline(self.batch_size, image_size=self.image_size, mean=self.mean, std=self.std, interpolation=self.interpolation, device=self.device,
                                    device_id=self.device_id, num_threads=self.num_threads, prefetch=self.prefetch,
                                    dtype=self.dtype, hw_decoder_load=self.hw_decoder_load)
 
     def _inputs(self, epoch: int, ids) -> dict:
         data = [self.reader.image(int(i)) for i in ids]
-        for i, d in zip(ids, data):
-            decoded_size(d, self.table.where(int(i)))  # a clear error for a broken header, before DALI sees it
-        return {"encoded": data}
+        sizes = [decoded_size(d, self.table.where(int(i))) for i, d in zip(ids, data)]
+        boxes = [np.array(center_crop_box(h, w, self.resize_size, self.image_size), np.float32) for h, w in sizes]
+        return {"encoded": data, "roi": boxes}
 
     def _outputs(self, outs, ids) -> dict:
         return {"images": self._to_torch(outs, len(ids), self.image_size), "labels": self._labels(ids)}

@@ -65,8 +65,10 @@ def expand_shards(shards) -> list[str]:
     for path in paths:
         if "://" in path or path.startswith("pipe:"):
             raise ValueError(f"shard {path!r}: only local (or mounted) files are supported, not URLs")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"shard not found: {path}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f" ({len(missing)} of {len(paths)} shards missing)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
     return paths
 
 
@@ -532,7 +534,8 @@ def check_shards(pattern, *, decode: bool = True, write_missing_index: bool = Tr
         report["bad"] += bad
         report["samples"] += n
         report["labelled"] |= labelled
-        unlabelled += [(shard, split_name(c[0][3])[0]) for c in samples if all(x[0] != LABEL_EXT for x in c)]
+        unlabelled += [(shard, split_name(c[0][3])[0]) for c in samples
+                       if {x[0] for x in c} & set(IMAGE_EXTS) and all(x[0] != LABEL_EXT for x in c)]
         if write_missing_index and samples and read_index(shard) is None:
             try:
                 report["indexes_written"].append(write_index(shard, samples))
