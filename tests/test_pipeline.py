@@ -492,3 +492,12 @@ def test_gpu_loader_matches_cpu(dtype, id_shards):
         assert (g[key].float().cpu() - c[key]).abs().mean() < 0.03
     e = next(iter(EvalLoader(id_shards, 8, image_size=32, resize_size=36, device="gpu")))
     assert e["images"].is_cuda and e["images"].shape == (8, 3, 32, 32)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, dinotron.pipeline\nprint([m for m in ('nvidia.dali', 'webdataset') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"  # DALI is imported when a DALI loader is built
