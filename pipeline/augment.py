@@ -131,11 +131,6 @@ def _unit(keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def uniforms(seed: int, epoch: int, sample_ids, n: int) -> np.ndarray:
-    """(len(sample_ids), n) float64 in [0, 1): a pure function of (seed, epoch, sample id, column)."""
-    return _unit(_sample_keys(seed, epoch, sample_ids)[:, None], np.arange(n)[None, :])
-
-
 def _random_resized_crops(keys, h, w, scale_lo, scale_hi, ratio) -> np.ndarray:
     """torchvision's RandomResizedCrop.get_params for every (sample, view), vectorised: (N, V, 4) y0, x0, y1, x1.
 

@@ -61,10 +61,6 @@ class ShardLoader:
             raise ValueError(f"{len(self.table)} samples over {self.num_shards} ranks make no full batch of {batch_size} "
                              f"(drop_last={drop_last}): use fewer ranks, a smaller batch or more data")
 
-    @property
-    def labelled(self) -> bool:
-        return self.table.labelled
-
     def num_samples(self) -> int:
         """Samples this rank visits per epoch (those in batches)."""
         n, r = len(self.table), self.num_shards
