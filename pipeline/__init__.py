@@ -1,1 +1,23 @@
-"""dinotron.pipeline: WebDataset shards, the DALI multi-crop graph and the torchvision baseline loader."""
+"""dinotron.pipeline: WebDataset shards, the DALI multi-crop graph and the torchvision baseline loader.
+
+DALI itself is imported only when a DALI loader is built.
+"""
+from dinotron.pipeline.augment import MultiCropConfig
+from dinotron.pipeline.dali_loader import EvalLoader, MultiCropLoader, build_eval_pipeline, build_multicrop_pipeline
+from dinotron.pipeline.shards import ShardError, check_shards, expand_shards, write_index, write_shards
+from dinotron.pipeline.torchvision_loader import TorchvisionEvalLoader, TorchvisionMultiCropLoader
+
+__all__ = [
+    "EvalLoader",
+    "MultiCropConfig",
+    "MultiCropLoader",
+    "ShardError",
+    "TorchvisionEvalLoader",
+    "TorchvisionMultiCropLoader",
+    "build_eval_pipeline",
+    "build_multicrop_pipeline",
+    "check_shards",
+    "expand_shards",
+    "write_index",
+    "write_shards",
+]

@@ -1,0 +1,501 @@
+"""The data pipeline on CPU: shard tools, the multi-crop recipe, DALI (device "cpu") and torchvision loaders.
+
+Tiny images and few samples keep the suite fast; GPU-only checks are marked `gpu`.
+"""
+import hashlib
+import io
+import json
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinotron.pipeline import (
+    EvalLoader,
+    MultiCropConfig,
+    MultiCropLoader,
+    ShardError,
+    TorchvisionEvalLoader,
+    TorchvisionMultiCropLoader,
+    check_shards,
+    expand_shards,
+    write_shards,
+)
+from dinotron.pipeline import augment as A
+from dinotron.pipeline import dali_loader
+from dinotron.pipeline.shards import read_index, scan_tar
+from dinotron.train.cli import main as cli
+
+LOADERS = {"dali": MultiCropLoader, "torchvision": TorchvisionMultiCropLoader}
+# Crop sizes of the trainer's CPU demo; 3 local crops keep the DALI graph small.
+SMALL = dict(global_size=48, local_size=24, n_local=3)
+PLAIN = dict(color_jitter_p=0.0, grayscale_p=0.0, global_blur_p=(0.0,), local_blur_p=0.0, global_solarize_p=(0.0,))
+
+
+def jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def smooth_image(rng, h: int, w: int) -> np.ndarray:
+    """A random smooth colour field (resize filters then agree closely)."""
+    small = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+
+
+def tar_samples(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """A plain tar written with tarfile (no dinotron): [(key, {ext: bytes})]."""
+    with tarfile.open(path, "w") as tar:
+        for key, comps in samples:
+            for ext, data in comps.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """ImageFolder: 3 classes x 7 images of 64 x 64 px (one PNG per class), plus one undecodable file."""
+    root = tmp_path_factory.mktemp("src")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir()
+        for i in range(7):
+            img = smooth_image(rng, 64, 64)
+            if i == 3:
+                Image.fromarray(img).save(root / f"class{c}" / f"img {i}.png")
+            else:
+                (root / f"class{c}" / f"img.{i}.jpg").write_bytes(jpeg(img))
+    (root / "class1" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    manifest = write_shards(folder, out, shard_size=8, prefix="train", workers=1, progress=False)
+    return out, manifest, str(out / manifest["pattern"])
+
+
+@pytest.fixture(scope="module")
+def id_shards(tmp_path_factory):
+    """Foreign plain tars: 37 samples whose .cls is the sample number (identifies every sample), sizes 40..60 px."""
+    out = tmp_path_factory.mktemp("ids")
+    rng = np.random.default_rng(1)
+    paths, n = [], 0
+    for s, count in enumerate((15, 12, 10)):
+        samples = []
+        for _ in range(count):
+            img = smooth_image(rng, int(rng.integers(40, 61)), int(rng.integers(40, 61)))
+            samples.append((f"dir/s{n:03d}", {"jpg": jpeg(img), "cls": str(n).encode()}))
+            n += 1
+        paths.append(tar_samples(out / f"ids-{s}.tar", samples))
+    return paths
+
+
+def ids_of(batch) -> list[int]:
+    return batch["labels"].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def test_expand_shards(shards, tmp_path):
+    out, manifest, pattern = shards
+    paths = expand_shards(pattern)
+    assert [Path(p).name for p in paths] == [s["path"] for s in manifest["shards"]]
+    assert expand_shards([paths[0], str(out / "train-00000{1,2}.tar")]) == paths[:3]
+    assert expand_shards(str(out / "train-*.tar")) == paths
+    with pytest.raises(FileNotFoundError, match=r"train-000003.tar \(97 of 100 shards missing\)"):
+        expand_shards(str(out / "train-{000000..000099}.tar"))
+    with pytest.raises(ValueError, match="empty"):
+        expand_shards([])
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        MultiCropLoader(str(tmp_path / "nothing-{0..3}.tar"), 4, device="cpu")
+    with pytest.raises(ValueError, match="empty"):
+        TorchvisionMultiCropLoader([], 4)
+
+
+def test_write_shards_manifest(folder, shards):
+    out, manifest, _ = shards
+    assert manifest["num_samples"] == 21 and [s["count"] for s in manifest["shards"]] == [8, 8, 5]
+    assert manifest["classes"] == ["class0", "class1", "class2"] and manifest["labelled"]
+    assert [s["path"] for s in manifest["skipped"]] == ["class1/broken.jpg"]
+    assert "not a recognised image format" in manifest["skipped"][0]["reason"] or "broken" in manifest["skipped"][0]["reason"]
+    on_disk = json.loads((out / "manifest.json").read_text())["prefixes"]["train"]
+    assert on_disk["shards"] == manifest["shards"]
+    labels_by_class = {}
+    for s in manifest["shards"]:
+        path = out / s["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == s["sha256"]
+        assert read_index(str(path)) == scan_tar(str(path))  # the DALI index matches the tar
+        assert (out / s["index"]).read_text().startswith(f"v1.2 {s['count']}\n")
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+            for name in names:
+                if name.endswith(".cls"):
+                    key = name[:-4]
+                    assert key + ".jpg" in names and "." not in key and " " not in key
+                    labels_by_class.setdefault(key.split("_")[0], set()).add(int(tar.extractfile(name).read()))
+    assert labels_by_class == {"class0": {0}, "class1": {1}, "class2": {2}}
+    # JPEGs keep their bytes; the PNG is re-encoded as JPEG.
+    original = (folder / "class0" / "img.0.jpg").read_bytes()
+    with tarfile.open(out / manifest["shards"][0]["path"]) as tar:
+        blobs = [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    assert all(b[:2] == b"\xff\xd8" for b in blobs)
+    all_blobs = set()
+    for s in manifest["shards"]:
+        with tarfile.open(out / s["path"]) as tar:
+            all_blobs |= {tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
+    assert original in all_blobs
+
+
+def test_write_shards_flat_prefixes_and_errors(folder, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted((folder / "class0").glob("*.jpg"))[:3]):
+        (flat / f"{i}.jpg").write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    a = write_shards(flat, out, shard_size=2, prefix="val", workers=1, progress=False)
+    b = write_shards(folder / "class2", out, shard_size=100, prefix="other", workers=1, progress=False)
+    assert a["classes"] is None and not a["labelled"] and a["num_samples"] == 3 and b["num_samples"] == 7
+    with tarfile.open(out / "val-000000.tar") as tar:
+        assert not any(n.endswith(".cls") for n in tar.getnames())
+    assert set(json.loads((out / "manifest.json").read_text())["prefixes"]) == {"val", "other"}
+    with pytest.raises(ValueError, match="no images"):
+        write_shards(_empty(tmp_path), tmp_path / "x", progress=False)
+    with pytest.raises(FileNotFoundError, match="missing-src"):
+        write_shards(tmp_path / "missing-src", tmp_path / "x", progress=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="cannot write shards"):
+        write_shards(flat, blocker / "out", progress=False)
+
+
+def _empty(tmp_path: Path) -> Path:
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    (empty / "notes.txt").write_text("no images here")
+    return empty
+
+
+def test_cli(folder, tmp_path, capsys):
+    assert cli(["make-shards", str(folder), str(tmp_path / "s"), "--shard-size", "10", "--prefix", "p", "--workers", "1"]) == 0
+    assert "21 samples in 3 shards" in capsys.readouterr().out
+    assert cli(["check-shards", str(tmp_path / "s" / "p-{000000..000002}.tar")]) == 0
+    assert cli(["make-shards", str(_empty(tmp_path)), str(tmp_path / "t")]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert cli(["check-shards", str(tmp_path / "s" / "p-000009.tar")]) == 2
+    assert "p-000009.tar" in capsys.readouterr().err
+
+
+def test_check_shards_foreign(tmp_path, capsys):
+    import webdataset as wds
+
+    rng = np.random.default_rng(2)
+    good = jpeg(smooth_image(rng, 32, 40))
+    with wds.ShardWriter(str(tmp_path / "wds-%06d.tar"), maxcount=3) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"sample{i:04d}", "jpg": good, "cls": i % 2})
+    plain = tar_samples(tmp_path / "plain.tar", [
+        ("a/x1", {"jpg": good, "cls": b"1"}),
+        ("a/x2", {"txt": b"no image"}),
+        ("a/x3", {"jpg": good[: len(good) // 2], "cls": b"0"}),
+        ("a/x4", {"jpg": good}),
+    ])
+    report = check_shards([str(tmp_path / "wds-{000000..000001}.tar"), plain], progress=False)
+    assert report["shards"] == 3 and report["samples"] == 9 and report["labelled"]
+    problems = {(Path(b["shard"]).name, b["key"]): b["problem"] for b in report["bad"]}
+    assert set(problems) == {("plain.tar", "a/x2"), ("plain.tar", "a/x3"), ("plain.tar", "a/x4")}
+    assert "no image" in problems[("plain.tar", "a/x2")]
+    assert "truncated" in problems[("plain.tar", "a/x3")].lower()
+    assert "no .cls" in problems[("plain.tar", "a/x4")]
+    assert len(report["indexes_written"]) == 3 and read_index(plain) == scan_tar(plain)
+    assert cli(["check-shards", plain]) == 1
+    assert "BAD" in capsys.readouterr().out
+    # webdataset.ShardWriter shards feed the loaders as they are.
+    loader = TorchvisionMultiCropLoader(str(tmp_path / "wds-{000000..000001}.tar"), 5, augment=MultiCropConfig(**SMALL),
+                                        num_threads=0, shuffle=False)
+    assert ids_of(next(iter(loader))) == [0, 1, 0, 1, 0]
+
+
+def test_unlabelled_and_mixed_labels(tmp_path):
+    rng = np.random.default_rng(3)
+    img = jpeg(smooth_image(rng, 30, 30))
+    path = tar_samples(tmp_path / "u.tar", [(f"k{i}", {"jpg": img}) for i in range(4)])
+    batch = next(iter(TorchvisionMultiCropLoader(path, 2, augment=MultiCropConfig(**SMALL), num_threads=0)))
+    assert batch["labels"] is None
+    mixed = tar_samples(tmp_path / "m.tar", [("k0", {"jpg": img, "cls": b"1"}), ("k1", {"jpg": img})])
+    with pytest.raises(ShardError, match="'k1'.*some samples but not all"):
+        TorchvisionMultiCropLoader(mixed, 1)
+    no_image = tar_samples(tmp_path / "n.tar", [("k0", {"jpg": img}), ("k1", {"txt": b"x"})])
+    with pytest.raises(ShardError, match="n.tar, sample 'k1': no image"):
+        MultiCropLoader(no_image, 1, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+def test_config_defaults_and_types():
+    import typing
+
+    cfg = MultiCropConfig()
+    assert (cfg.n_global, cfg.global_size, cfg.global_scale, cfg.n_local, cfg.local_size, cfg.local_scale) == (
+        2, 224, (0.32, 1.0), 8, 96, (0.05, 0.32))
+    assert (cfg.color_jitter, cfg.color_jitter_p, cfg.grayscale_p, cfg.flip_p) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5)
+    assert [cfg.blur_p(v) for v in range(10)] == [1.0, 0.1] + [0.5] * 8
+    assert [cfg.solarize_p(v) for v in range(10)] == [0.0, 0.2] + [0.0] * 8
+    hints = typing.get_type_hints(MultiCropConfig)
+    assert all(typing.get_origin(t) in (tuple, None) for t in hints.values())
+    for bad in (dict(global_scale=(0.5, 0.2)), dict(flip_p=1.5), dict(blur_kernel_size=4), dict(interpolation="area"),
+                dict(global_blur_p=()), dict(n_global=0), dict(color_jitter=(0.4, 0.4, 0.2, 0.7))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MultiCropConfig(**bad)
+
+
+def test_sample_params_follow_the_recipe():
+    cfg = MultiCropConfig()
+    n = 4000
+    h = np.where(np.arange(n) % 2, 375, 500)
+    w = np.where(np.arange(n) % 2, 500, 375)
+    p = A.sample_params(cfg, seed=0, epoch=0, sample_ids=np.arange(n), heights=h, widths=w)
+    assert p.shape == (n, 10, A.N_PARAMS) and p.dtype == np.float32
+    ch, cw = p[..., A.P_Y1] - p[..., A.P_Y0], p[..., A.P_X1] - p[..., A.P_X0]
+    assert (p[..., A.P_Y0] >= 0).all() and (p[..., A.P_X0] >= 0).all()
+    assert (p[..., A.P_Y1] <= h[:, None]).all() and (p[..., A.P_X1] <= w[:, None]).all()
+    area = ch * cw / (h * w)[:, None]
+    assert 0.32 - 0.01 <= area[:, :2].min() and area[:, :2].max() <= 1.0
+    assert 0.05 - 0.01 <= area[:, 2:].min() and area[:, 2:].max() <= 0.32 + 0.01
+    assert (cw / ch).min() >= 3 / 4 - 0.02 and (cw / ch).max() <= 4 / 3 + 0.02
+    freq = p.mean(axis=0)  # (views, params)
+    for col, expected in ((A.P_FLIP, [0.5] * 10), (A.P_GRAY, [0.2] * 10), (A.P_BLUR, [1.0, 0.1] + [0.5] * 8),
+                          (A.P_SOLARIZE, [0.0, 0.2] + [0.0] * 8)):
+        np.testing.assert_allclose(freq[:, col], expected, atol=0.03)
+    jittered = (p[..., A.P_BRIGHT] != 1.0).mean()
+    assert abs(jittered - 0.8) < 0.02
+    assert p[..., A.P_BRIGHT].min() >= 0.6 and p[..., A.P_BRIGHT].max() <= 1.4
+    assert np.abs(p[..., A.P_HUE]).max() <= 0.1
+    assert p[..., A.P_SIGMA].min() >= 0.1 and p[..., A.P_SIGMA].max() <= 2.0
+    # A sample's parameters depend only on (seed, epoch, sample id).
+    again = A.sample_params(cfg, 0, 0, np.arange(n)[::-7], h[::-7], w[::-7])
+    np.testing.assert_array_equal(again, p[::-7])
+    assert not np.array_equal(A.sample_params(cfg, 0, 1, np.arange(8), h[:8], w[:8]), p[:8])
+    assert not np.array_equal(A.sample_params(cfg, 1, 0, np.arange(8), h[:8], w[:8]), p[:8])
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+@pytest.fixture(scope="module")
+def colour_shards(tmp_path_factory):
+    """9 solid-colour images (64 x 64 and 48 x 72); .cls = sample number, colour = COLOURS[number]."""
+    out = tmp_path_factory.mktemp("colours")
+    samples = []
+    for i, c in enumerate(COLOURS):
+        img = np.empty((64, 64, 3) if i % 2 else (48, 72, 3), np.uint8)
+        img[:] = c
+        samples.append((f"c{i}", {"jpg": jpeg(img, quality=100), "cls": str(i).encode()}))
+    return tar_samples(out / "colours.tar", samples)
+
+
+COLOURS = [(200, 100, 50), (20, 220, 120), (90, 90, 240), (250, 250, 10), (0, 0, 0), (128, 30, 200), (60, 160, 60),
+           (255, 255, 255), (170, 10, 90)]
+
+
+@pytest.mark.parametrize("impl", ["dali", "torchvision"])
+def test_shapes_view_major_labels_and_normalisation(impl, colour_shards):
+    cfg = MultiCropConfig(**SMALL, **PLAIN)
+    loader = LOADERS[impl](colour_shards, 4, device="cpu", augment=cfg, seed=3, num_threads=2)
+    assert len(loader) == 2  # 9 samples, batches of 4, the last incomplete one dropped
+    batches = list(loader)
+    assert len(batches) == 2
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    seen = []
+    for batch in batches:
+        g, l, labels = batch["global_crops"], batch["local_crops"], batch["labels"]
+        assert g.shape == (2 * 4, 3, 48, 48) and l.shape == (3 * 4, 3, 24, 24) and labels.shape == (4,)
+        assert g.dtype == l.dtype == torch.float32 and labels.dtype == torch.int64 and g.device.type == "cpu"
+        seen += labels.tolist()
+        for crops, views in ((g, 2), (l, 3)):
+            for v in range(views):
+                for j, label in enumerate(labels.tolist()):
+                    expected = (torch.tensor(COLOURS[label], dtype=torch.float32).view(3, 1, 1) / 255 - mean) / std
+                    # view-major: row v * B + j is view v of image j; its colour is image j's, normalised.
+                    torch.testing.assert_close(crops[v * 4 + j], expected.expand(3, crops.shape[2], crops.shape[3]),
+                                               atol=0.05, rtol=0)
+    assert len(set(seen)) == 8
+
+
+def test_dali_matches_torchvision(id_shards):
+    """Same crops and flips (from the shared parameters) and the same pixels up to resize-filter differences."""
+    cfg = MultiCropConfig(**SMALL, **PLAIN, interpolation="bilinear")
+    kw = dict(device="cpu", augment=cfg, seed=5, num_threads=1)
+    d = next(iter(MultiCropLoader(id_shards, 8, **kw)))
+    t = next(iter(TorchvisionMultiCropLoader(id_shards, 8, **kw)))
+    assert ids_of(d) == ids_of(t)
+    for key in ("global_crops", "local_crops"):
+        diff = (d[key] - t[key]).abs()
+        assert diff.mean() < 0.01 and diff.max() < 0.3, (key, diff.mean(), diff.max())
+    # The full recipe (jitter, grayscale, blur, solarize) differs by implementation, not by much on average.
+    full = MultiCropConfig(**SMALL)
+    d = next(iter(MultiCropLoader(id_shards, 8, **{**kw, "augment": full})))
+    t = next(iter(TorchvisionMultiCropLoader(id_shards, 8, **{**kw, "augment": full})))
+    assert (d["global_crops"] - t["global_crops"]).abs().mean() < 0.25
+
+
+@pytest.mark.parametrize("impl", ["dali", "torchvision"])
+def test_two_ranks_disjoint_and_complete(impl, id_shards):
+    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=1, **PLAIN)
+    kw = dict(device="cpu", augment=cfg, seed=7, num_threads=1)
+    epochs = {}
+    for drop_last in (False, True):
+        ranks = [LOADERS[impl](id_shards, 5, shard_id=r, num_shards=2, drop_last=drop_last, **kw) for r in range(2)]
+        for epoch in (0, 1):
+            seen = []
+            for loader in ranks:
+                loader.set_epoch(epoch)
+                seen.append([i for b in loader for i in ids_of(b)])
+            assert not set(seen[0]) & set(seen[1])
+            if drop_last:  # 37 samples -> 18 per rank -> 3 full batches of 5 each
+                assert len(ranks[0]) == len(ranks[1]) == 3 and len(seen[0]) == len(seen[1]) == 15
+            else:
+                assert sorted(seen[0] + seen[1]) == list(range(37)) and [len(r) for r in ranks] == [4, 4]
+                epochs[epoch] = seen[0]
+    assert epochs[0] != epochs[1]  # a new shuffle every epoch
+    one = LOADERS[impl](id_shards, 5, shard_id=0, num_shards=2, drop_last=False, **kw)
+    assert [i for b in one for i in ids_of(b)] == epochs[0]  # seeded
+
+
+@pytest.mark.parametrize("impl", ["dali", "torchvision"])
+def test_resume_position(impl, id_shards):
+    """2k batches straight == k batches + state_dict -> new loader + load_state_dict -> k batches, across an epoch end."""
+    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=2)
+    kw = dict(device="cpu", augment=cfg, seed=11, num_threads=1)
+
+    def run(loader, steps):
+        out = []
+        while len(out) < steps:
+            for batch in loader:
+                out.append(batch)
+                if len(out) == steps:
+                    return out
+            loader.set_epoch(loader.state_dict()["epoch"] + 1)
+        return out
+
+    straight = run(LOADERS[impl](id_shards, 6, **kw), 10)  # 6 batches per epoch
+    first = LOADERS[impl](id_shards, 6, **kw)
+    head = run(first, 4)
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["position"] == 4  # consumed, not prefetched
+    resumed = LOADERS[impl](id_shards, 6, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    tail = run(resumed, 6)
+    for a, b in zip(straight, head + tail):
+        assert ids_of(a) == ids_of(b)
+        assert torch.equal(a["global_crops"], b["global_crops"]) and torch.equal(a["local_crops"], b["local_crops"])
+    # Breaking out mid-epoch and iterating again continues from the position.
+    assert ids_of(next(iter(first))) == ids_of(straight[4])
+    # An exhausted epoch moves on to the next one when iterated again.
+    first.load_state_dict({"epoch": 0, "position": 6})
+    assert ids_of(next(iter(first))) == ids_of(straight[6]) and first.state_dict()["epoch"] == 1
+
+
+@pytest.mark.parametrize("impl", ["dali", "torchvision"])
+def test_corrupt_jpeg_names_shard_and_key(impl, tmp_path):
+    rng = np.random.default_rng(4)
+    good = jpeg(smooth_image(rng, 40, 40))
+    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=1)
+    for name, bad in (("garbage", b"\xff\xd8\xff\xe0 not really a jpeg"), ("truncated", good[: len(good) // 2])):
+        path = tar_samples(tmp_path / f"{name}.tar", [(f"k{i}", {"jpg": bad if i == 5 else good}) for i in range(8)])
+        loader = LOADERS[impl](path, 4, device="cpu", augment=cfg, num_threads=1, shuffle=False)
+        with pytest.raises(ShardError, match=rf"{name}\.tar, sample 'k5'.*(undecodable|truncated)"):
+            list(loader)
+
+
+@pytest.mark.parametrize("impl", ["dali", "torchvision"])
+def test_eval_loader(impl, id_shards):
+    cls = EvalLoader if impl == "dali" else TorchvisionEvalLoader
+    ranks = [cls(id_shards, 8, image_size=32, resize_size=36, device="cpu", shard_id=r, num_shards=2, num_threads=1)
+             for r in range(2)]
+    seen = []
+    for loader, last in zip(ranks, (3, 2)):  # 37 samples: 19 + 18
+        batches = list(loader)
+        assert [tuple(b["images"].shape) for b in batches] == [(8, 3, 32, 32), (8, 3, 32, 32), (last, 3, 32, 32)]
+        assert all(b["images"].dtype == torch.float32 and b["labels"].dtype == torch.int64 for b in batches)
+        seen.append([i for b in batches for i in b["labels"].tolist()])
+    assert seen[0] + seen[1] == list(range(37))  # unshuffled, contiguous blocks, each sample once, no padding
+
+
+def test_eval_dali_matches_torchvision(id_shards):
+    """DALI resizes exactly the box torchvision's Resize + CenterCrop keeps (same output sizes and rounding)."""
+    kw = dict(image_size=32, resize_size=36, device="cpu", num_threads=1)
+    d = next(iter(EvalLoader(id_shards, 8, **kw)))["images"]
+    t = next(iter(TorchvisionEvalLoader(id_shards, 8, **kw)))["images"]
+    assert (d - t).abs().mean() < 0.01 and (d - t).abs().max() < 0.1
+
+
+def test_demo_configuration(shards):
+    """The trainer's CPU demo: 64 px JPEGs, global 48 / local 24 px, DALI on CPU, batch that does not divide the data."""
+    _, _, pattern = shards
+    loader = MultiCropLoader(pattern, 8, device="cpu", augment=MultiCropConfig(global_size=48, local_size=24),
+                             seed=0, shard_id=0, num_shards=1, num_threads=2)
+    assert len(loader) == 2
+    batches = list(loader)
+    assert [b["global_crops"].shape for b in batches] == [(16, 3, 48, 48)] * 2
+    assert [b["local_crops"].shape for b in batches] == [(64, 3, 24, 24)] * 2
+    x = torch.cat([b["global_crops"] for b in batches])
+    assert x.isfinite().all() and -2.2 < x.min() and x.max() < 2.7 and 0.2 < x.std() < 2
+
+
+def test_fallback_without_dali(monkeypatch, id_shards):
+    monkeypatch.setattr(dali_loader, "dali_available", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = MultiCropLoader(id_shards, 4, device="cpu", augment=MultiCropConfig(**SMALL), num_threads=0)
+        evaluator = EvalLoader(id_shards, 4, image_size=16, resize_size=20)
+    assert isinstance(loader, TorchvisionMultiCropLoader) and isinstance(evaluator, TorchvisionEvalLoader)
+    assert any("DALI is not installed" in str(w.message) for w in caught)
+
+
+def test_bad_arguments(id_shards):
+    with pytest.raises(ValueError, match="device"):
+        MultiCropLoader(id_shards, 4, device="tpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        MultiCropLoader(id_shards, 0, device="cpu")
+    with pytest.raises(ValueError, match="shard_id"):
+        TorchvisionMultiCropLoader(id_shards, 4, shard_id=2, num_shards=2)
+    with pytest.raises(ValueError, match="no full batch"):
+        TorchvisionMultiCropLoader(id_shards, 64)
+    with pytest.raises(ValueError, match="dtype"):
+        TorchvisionMultiCropLoader(id_shards, 4, dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            MultiCropLoader(id_shards, 4, device="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_loader_matches_cpu(dtype, id_shards):
+    cfg = MultiCropConfig(**SMALL, **PLAIN, interpolation="bilinear")
+    g = next(iter(MultiCropLoader(id_shards, 8, device="gpu", augment=cfg, seed=5, dtype=dtype)))
+    c = next(iter(MultiCropLoader(id_shards, 8, device="cpu", augment=cfg, seed=5)))
+    assert g["global_crops"].is_cuda and g["global_crops"].dtype == dtype and ids_of(g) == ids_of(c)
+    for key in ("global_crops", "local_crops"):
+        assert (g[key].float().cpu() - c[key]).abs().mean() < 0.03
+    e = next(iter(EvalLoader(id_shards, 8, image_size=32, resize_size=36, device="gpu")))
+    assert e["images"].is_cuda and e["images"].shape == (8, 3, 32, 32)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, dinotron.pipeline\nprint([m for m in ('nvidia.dali', 'webdataset') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"  # DALI is imported when a DALI loader is built
