@@ -1,18 +1,21 @@
-# `make test` sets up .venv on first use (or when pyproject.toml changes), then runs the suite.
+# `make test` / `make demo` set up .venv on first use (or when pyproject.toml changes), then run.
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test clean
+.PHONY: test demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,demo]'
 	touch $@
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/dinotron demo --config configs/demo.yaml --out runs/demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,139 @@
+"""The training loop on a deterministic in-memory loader: exact resume, SIGTERM save, NaN stop, logging."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from dinotron.train import checkpoint as ckpt
+from dinotron.train import loop
+from dinotron.train.config import load_config
+from test_train_units import TINY
+
+
+class MemoryLoader:
+    """Batches that depend only on (seed, epoch, index), with the loader state protocol of dinotron.pipeline."""
+
+    def __init__(self, batch_size=4, n_global=2, n_local=2, n_batches=3, seed=0):
+        self.batch_size, self.n_global, self.n_local, self.n_batches, self.seed = batch_size, n_global, n_local, n_batches, seed
+        self.epoch, self.position = 0, 0
+
+    def __len__(self):
+        return self.n_batches
+
+    def set_epoch(self, epoch):
+        self.epoch, self.position = epoch, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def __iter__(self):
+        while self.position < self.n_batches:
+            g = torch.Generator().manual_seed(self.seed * 10_000 + self.epoch * 100 + self.position)
+            self.position += 1
+            yield {
+                "global_crops": torch.randn(self.n_global * self.batch_size, 3, 32, 32, generator=g),
+                "local_crops": torch.randn(self.n_local * self.batch_size, 3, 16, 16, generator=g),
+                "labels": None,
+            }
+
+
+@pytest.fixture
+def memory_loader(monkeypatch):
+    monkeypatch.setattr(loop, "build_train_loader", lambda cfg, rank, world: MemoryLoader())
+
+
+def config(tmp_path, *overrides):
+    return load_config(
+        None,
+        TINY
+        + [
+            f"train.output_dir={tmp_path}",
+            "train.epoch_length=4",
+            "optim.epochs=2",
+            "optim.warmup_epochs=1",
+            "teacher.warmup_teacher_temp_epochs=1",
+            "data.batch_size_per_gpu=4",
+            "data.train_shards=[unused]",
+            "train.checkpoint_every=3",
+            "train.progress=false",
+        ]
+        + list(overrides),
+    )
+
+
+def teacher_state(trainer):
+    return {k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}
+
+
+def test_exact_resume(tmp_path, memory_loader):
+    straight = loop.Trainer(config(tmp_path / "a", "train.max_steps=6"))
+    straight.fit()
+    first = loop.Trainer(config(tmp_path / "b", "train.max_steps=3"))
+    first.fit()
+    resumed = loop.Trainer(config(tmp_path / "b", "train.max_steps=6"), resume=True)
+    assert resumed.step == 3 and resumed.loader.state_dict() == {"epoch": 0, "position": 3}
+    resumed.fit()
+    assert resumed.step == straight.step == 6
+    a, b = teacher_state(straight), teacher_state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(straight.model.dino_center, resumed.model.dino_center)
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s",
+                "teacher_entropy", "prototypes_in_use", "feature_std"):
+        assert key in lines[0], key
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "a")] == ["checkpoint-00000003.pt", "checkpoint-00000006.pt"]
+
+
+def test_sigterm_finishes_the_step_saves_and_stops(tmp_path, memory_loader, monkeypatch):
+    trainer = loop.Trainer(config(tmp_path))
+    real_step = trainer.train_step
+
+    def step_then_sigterm(batch):
+        out = real_step(batch)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
+    trainer.fit()
+    assert trainer.step == 2
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is restored"
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, memory_loader, monkeypatch):
+    trainer = loop.Trainer(config(tmp_path))
+    real_forward = trainer.model.forward
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        if trainer.step == 4:
+            out["ibot_loss"] = out["ibot_loss"] * float("nan")
+            out["loss"] = out["loss"] + out["ibot_loss"]
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    with pytest.raises(loop.TrainingDiverged, match=r"non-finite ibot_loss = nan at step 4"):
+        trainer.fit()
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert saved["step"] == 3
+    for v in saved["model"].values():
+        assert torch.isfinite(v).all()
+
+
+def test_train_cli_reports_divergence(tmp_path, memory_loader, monkeypatch, capsys):
+    from dinotron.train import cli
+
+    monkeypatch.setattr(loop.Trainer, "train_step", lambda self, batch: (_ for _ in ()).throw(loop.TrainingDiverged("non-finite loss = inf at step 0")))
+    code = cli.main(["train", *(f"{k}" for k in TINY), f"train.output_dir={tmp_path}", "data.train_shards=[x]", "train.progress=false"])
+    assert code == 1
+    assert "non-finite loss = inf at step 0" in capsys.readouterr().err
+    assert cli.main(["train", "optim.base_lrr=1"]) == 2
+    assert "did you mean optim.base_lr" in capsys.readouterr().err

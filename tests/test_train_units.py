@@ -1,0 +1,346 @@
+"""Trainer building blocks: config, masking, schedules, parameter groups, EMA, losses, checkpoints, k-NN, export."""
+import math
+import random
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from dinotron.kernels import reference as ref
+from dinotron.train import checkpoint as ckpt
+from dinotron.train.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
+from dinotron.train.export import export_backbone
+from dinotron.train.knn import knn_classify
+from dinotron.train.loop import CollapseWatch
+from dinotron.train.masking import BlockMaskGenerator, sample_masks
+from dinotron.train.model import DinoV2
+from dinotron.train.optim import apply_schedules, build_optimizer, layer_id, param_groups
+from dinotron.train.schedules import CosineSchedule, build_schedules, scaled_lr
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = [
+    "model.img_size=32",
+    "model.drop_path_rate=0.1",
+    "model.timm_kwargs={embed_dim: 32, depth: 2, num_heads: 2, patch_size: 8}",
+    "dino.head={n_prototypes: 64, hidden_dim: 32, bottleneck_dim: 16, nlayers: 3}",
+    "data.augment.global_size=32",
+    "data.augment.local_size=16",
+    "data.augment.n_local=2",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(None, TINY + list(overrides))
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+def test_config_defaults_are_dinov2s():
+    cfg = Config()
+    assert cfg.dino.head.n_prototypes == 65536 and cfg.dino.head.bottleneck_dim == 256 and cfg.dino.koleo_loss_weight == 0.1
+    assert cfg.ibot.mask_sample_probability == 0.5 and cfg.ibot.mask_ratio_min_max == (0.1, 0.5)
+    assert (cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher) == (0.992, 1.0)
+    assert (cfg.teacher.warmup_teacher_temp, cfg.teacher.teacher_temp, cfg.teacher.center_momentum) == (0.04, 0.07, 0.9)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.2, 3.0)
+    assert (cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult, cfg.train.epoch_length) == (0.9, 0.2, 1250)
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  base_lr: 0.001\nibot:\n  mask_ratio_min_max: [0.2, 0.4]\n")
+    cfg = load_config(path, ["optim.epochs=3", "teacher.centering=sinkhorn_knopp", "data.train_shards=a-{0..3}.tar", "optim.min_lr=1e-7"])
+    assert cfg.optim.base_lr == 0.001 and cfg.optim.epochs == 3 and cfg.optim.min_lr == 1e-7
+    assert cfg.ibot.mask_ratio_min_max == (0.2, 0.4)
+    assert cfg.teacher.centering == "sinkhorn_knopp"
+    assert cfg.data.train_shards == ["a-{0..3}.tar"]
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("optim.base_lrr=0.1", r"unknown config key 'optim.base_lrr'; did you mean optim.base_lr"),
+        ("optimizer.lr=0.1", r"unknown config key 'optimizer'; did you mean optim"),
+        ("optim.epochs=ten", r"'optim.epochs' must be an integer"),
+        ("optim.base_lr=fast", r"'optim.base_lr' must be a number"),
+        ("teacher.centering=sinkhorn", r"'teacher.centering' must be one of \['softmax', 'sinkhorn_knopp'\]"),
+        ("ibot.mask_ratio_min_max=[0.1]", r"must have 2 items"),
+        ("train.progress=maybe", r"must be true or false"),
+        ("epochs", r"not of the form key=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+# ---- masking ------------------------------------------------------------------------------------
+
+def test_block_mask_generator_masks_rectangles_within_budget():
+    gen = BlockMaskGenerator((16, 16), max_num_patches=128)
+    rng = random.Random(0)
+    counts = []
+    for target in (26, 64, 128):
+        for _ in range(20):
+            m = gen(target, rng)
+            assert m.shape == (16, 16) and m.dtype == torch.bool
+            assert 0 < m.sum() <= target
+            counts.append(m.sum().item() / target)
+    assert sum(counts) / len(counts) > 0.8, "block masks should come close to their target area"
+
+
+def test_sample_masks_statistics():
+    gen = BlockMaskGenerator((16, 16), max_num_patches=128)
+    rng = random.Random(1)
+    ratios = []
+    for _ in range(20):
+        masks = sample_masks(64, gen, rng, mask_probability=0.5, ratio_min_max=(0.1, 0.5))
+        assert masks.shape == (64, 256)
+        per_image = masks.sum(dim=1)
+        assert (per_image > 0).sum() == 32, "int(64 * 0.5) images get a mask"
+        ratios += (per_image[per_image > 0] / 256).tolist()
+    assert max(ratios) <= 0.5 + 1e-6
+    assert 0.2 < sum(ratios) / len(ratios) < 0.33, "ratios spread over [0.1, 0.5], mean about 0.3"
+    assert min(ratios) < 0.15 and max(ratios) > 0.4
+    again = sample_masks(64, gen, random.Random(1))
+    assert torch.equal(again, sample_masks(64, gen, random.Random(1))), "seeded masks are reproducible"
+
+
+# ---- schedules ----------------------------------------------------------------------------------
+
+def test_cosine_schedule_shape():
+    s = CosineSchedule(1.0, 0.1, total_steps=110, warmup_steps=10)
+    assert s[0] == 0.0 and s[9] == pytest.approx(1.0) and s[10] == pytest.approx(1.0)
+    assert s[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
+    assert s[109] == pytest.approx(0.1, abs=1e-3) and s[1000] == 0.1
+
+
+def test_dinov2_schedules():
+    cfg = Config()
+    s = build_schedules(cfg, total_batch=256)
+    peak = 0.004 * math.sqrt(256 / 1024)
+    assert scaled_lr(0.004, 256, "sqrt_wrt_1024") == pytest.approx(peak)
+    assert s.lr[0] == 0.0 and s.lr[12499] == pytest.approx(peak) and s.lr[125000] == pytest.approx(1e-6)
+    assert s.weight_decay[0] == pytest.approx(0.04) and s.weight_decay[125000] == pytest.approx(0.2)
+    assert s.momentum[0] == pytest.approx(0.992) and s.momentum[124999] == pytest.approx(1.0, abs=1e-6)
+    assert s.teacher_temp[0] == pytest.approx(0.04) and s.teacher_temp[37499] == pytest.approx(0.07)
+    assert s.teacher_temp[18750] == pytest.approx(0.055, abs=1e-4) and s.teacher_temp[99999] == 0.07
+    assert all(s.last_layer_lr[i] == 0.0 for i in (0, 600, 1249))
+    assert s.last_layer_lr[1250] == s.lr[1250] > 0
+
+
+# ---- parameter groups, EMA, freezing ------------------------------------------------------------
+
+def test_param_groups_multipliers():
+    cfg = tiny_config()
+    model = DinoV2(cfg)
+    groups = param_groups(model.student, cfg.optim)
+    by_name = {n: g for g in groups for n in g["names"]}
+    d = cfg.optim.layerwise_decay
+    assert layer_id("vit.blocks.1.attn.qkv.weight", 2) == 2 and layer_id("vit.pos_embed", 2) == 0
+    assert by_name["backbone.vit.blocks.0.attn.qkv.weight"]["lr_multiplier"] == pytest.approx(d**2)
+    assert by_name["backbone.vit.blocks.1.mlp.fc1.weight"]["lr_multiplier"] == pytest.approx(d)
+    assert by_name["backbone.vit.norm.weight"]["lr_multiplier"] == 1.0
+    assert by_name["backbone.vit.patch_embed.proj.weight"]["lr_multiplier"] == pytest.approx(d**3 * 0.2)
+    assert by_name["backbone.vit.cls_token"]["lr_multiplier"] == pytest.approx(d**3)
+    assert by_name["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
+    for name in ("backbone.vit.cls_token", "backbone.vit.pos_embed", "backbone.mask_token", "backbone.vit.blocks.0.ls1.gamma",
+                 "backbone.vit.blocks.0.norm1.weight", "backbone.vit.blocks.0.attn.qkv.bias", "dino_head.mlp.0.bias"):
+        assert by_name[name]["wd_multiplier"] == 0.0, name
+    assert by_name["backbone.vit.blocks.0.attn.qkv.weight"]["wd_multiplier"] == 1.0
+    last = [n for n, g in by_name.items() if g["is_last_layer"]]
+    assert last and all(n.startswith("dino_head.last_layer.") for n in last)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.student.parameters()))
+
+
+def test_last_layer_frozen_while_its_lr_is_zero():
+    cfg = tiny_config()
+    model = DinoV2(cfg)
+    opt = build_optimizer(model.student, cfg.optim)
+    apply_schedules(opt, lr=1e-2, last_layer_lr=0.0, wd=0.04)
+    last = {n: p.detach().clone() for n, p in model.student.dino_head.last_layer.named_parameters()}
+    mlp = model.student.dino_head.mlp[0].weight.detach().clone()
+    out = model.student.dino_head(torch.randn(8, 32))
+    out.logsumexp(dim=1).mean().backward()
+    opt.step()
+    for n, p in model.student.dino_head.last_layer.named_parameters():
+        assert torch.equal(p, last[n]), n
+    assert not torch.equal(model.student.dino_head.mlp[0].weight, mlp)
+
+
+def test_ema_update():
+    model = DinoV2(tiny_config())
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    t0 = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.9)
+    for before, t, s in zip(t0, model.teacher.parameters(), model.student.parameters()):
+        torch.testing.assert_close(t, 0.9 * before + 0.1 * s)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+# ---- the objective equals the reference ops composed as dinov2 does -----------------------------
+
+@pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
+def test_loss_composition_matches_dinov2(centering):
+    cfg = tiny_config(f"teacher.centering={centering}", "model.drop_path_rate=0.0")
+    model = DinoV2(cfg)
+    with torch.no_grad():  # weights far from init, so that every crop gets a different output
+        for p in model.student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        model.teacher.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in model.student.state_dict().items()})
+        model.dino_center.normal_()
+    B, n_local, temp = 3, cfg.data.augment.n_local, 0.05
+    g, l = torch.randn(2 * B, 3, 32, 32), torch.randn(n_local * B, 3, 16, 16)
+    masks = torch.zeros(2 * B, 16, dtype=torch.bool)
+    masks[0, :5] = masks[3, 7:9] = masks[4, 2] = True
+    center0 = model.dino_center.clone()
+    out = model(g, l, masks, temp)
+
+    # dinov2's ssl_meta_arch, written out with the reference ops
+    with torch.no_grad():
+        t = model.teacher.backbone(g)
+        t_logits = model.teacher.dino_head(torch.cat([t.cls, t.patches[masks]]))
+        t_cls, t_patch = t_logits[: 2 * B], t_logits[2 * B :]
+        if centering == "softmax":
+            t_cls_p = ref.softmax_center_teacher(t_cls, center0, temp)
+            t_patch_p = ref.softmax_center_teacher(t_patch, torch.zeros(1, 64), temp)
+        else:
+            t_cls_p = ref.sinkhorn_knopp_teacher(t_cls, temp)
+            t_patch_p = ref.sinkhorn_knopp_teacher(t_patch, temp)
+    t_swapped = torch.cat(t_cls_p.chunk(2)[::-1])
+    sg, sl = model.student.backbone(g, masks), model.student.backbone(l)
+    s_logits = model.student.dino_head(torch.cat([sl.cls, sg.cls, sg.patches[masks]]))
+    s_local, s_global, s_patch = s_logits[: n_local * B], s_logits[n_local * B : (n_local + 2) * B], s_logits[(n_local + 2) * B :]
+    n_terms = 2 * 1 + n_local * 2
+
+    def ce(s, tp):
+        return -(tp * F.log_softmax(s / 0.1, dim=-1)).sum(dim=-1).mean()
+
+    local_loss = sum(ce(s, tp) for s in s_local.chunk(n_local) for tp in t_cls_p.chunk(2)) / n_terms
+    global_loss = ce(s_global, t_swapped) * 2 / n_terms
+    koleo = 0.1 * sum(ref.koleo_loss(c) for c in sg.cls.chunk(2))
+    weights = (1 / masks.sum(-1).clamp(min=1))[:, None].expand_as(masks)[masks]
+    ibot = -((t_patch_p * F.log_softmax(s_patch / 0.1, dim=-1)).sum(-1) * weights).sum() / masks.shape[0]
+    torch.testing.assert_close(out["dino_loss"], local_loss + global_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["koleo_loss"] * 0.1, koleo, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["ibot_loss"], ibot, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], local_loss + global_loss + koleo + ibot, rtol=1e-5, atol=1e-6)
+    if centering == "softmax":
+        torch.testing.assert_close(model.dino_center, ref.update_center(center0, t_cls, 0.9))
+
+
+# ---- collapse watch -----------------------------------------------------------------------------
+
+def test_collapse_watch_warns_after_patience():
+    watch = CollapseWatch(patience=3)
+    healthy = {"teacher_entropy": 0.5, "prototypes_in_use": 0.6, "feature_std": 0.8}
+    collapsed = {"teacher_entropy": 0.999, "prototypes_in_use": 0.6, "feature_std": 0.8}
+    assert watch.update(1, healthy) is None
+    assert watch.update(2, collapsed) is None and watch.update(3, collapsed) is None
+    message = watch.update(4, collapsed)
+    assert message and "step 4" in message and "near-uniform" in message
+    assert watch.update(5, collapsed) is None, "warn once per episode"
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def test_checkpoints_atomic_and_pruned(tmp_path, monkeypatch):
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-00000020.pt", "checkpoint-00000030.pt"]
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["step"] == 30
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 40, {"step": 40}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000020.pt", "checkpoint-00000030.pt"]
+    (tmp_path / "checkpoint-00000050.pt").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+        ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+
+
+# ---- k-NN ---------------------------------------------------------------------------------------
+
+def test_knn_weighted_vote():
+    train = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]]), dim=1)
+    train_labels = torch.tensor([0, 0, 1, 1, 1])
+    test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
+    assert knn_classify(train, train_labels, test, torch.tensor([0, 1]), k=5)["top1"] == 100.0
+    # k=5 majority would say class 1 (three neighbours); the temperature-weighted vote says class 0
+    q = F.normalize(torch.tensor([[1.0, 0.0]]), dim=1)
+    assert knn_classify(train, train_labels, q, torch.tensor([0]), k=5, temperature=0.07)["top1"] == 100.0
+    assert knn_classify(train, train_labels, q, torch.tensor([0]), k=5, temperature=100.0)["top1"] == 0.0
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layerscale", ["1e-5", "null"])
+def test_export_round_trip_through_timm(tmp_path, layerscale):
+    cfg = tiny_config("model.num_registers=2", f"model.layerscale={layerscale}")
+    model = DinoV2(cfg).eval()
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    has_layerscale = isinstance(model.teacher.backbone.vit.blocks[0].ls1, torch.nn.Identity) is False
+    assert has_layerscale == (layerscale != "null"), "layerscale=null disables LayerScale (timm ignores None)"
+    out = export_backbone(model, cfg, tmp_path / "export")
+    images = torch.randn(2, 3, 32, 32)
+    expected = model.teacher.backbone(images).cls
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(images)[:, 0], expected, rtol=1e-5, atol=1e-5)
+        # other crop sizes work too (dynamic image size)
+        assert loaded.forward_features(torch.randn(1, 3, 48, 48)).shape == (1, 2 + 1 + 36, 32)
+
+
+# ---- packed multi-crop forward ------------------------------------------------------------------
+
+def test_packed_crops_equal_separate_forwards():
+    cfg = tiny_config("model.attention=dinotron", "model.pack_crops=true", "model.drop_path_rate=0.0")
+    model = DinoV2(cfg)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g, l = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)
+    masks = torch.rand(4, 16) < 0.3
+    backbone = model.student.backbone
+    packed_g, packed_l = backbone.forward_packed([(g, masks), (l, None)])
+    sep_g, sep_l = backbone(g, masks), backbone(l)
+    torch.testing.assert_close(packed_g.cls, sep_g.cls, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_g.patches, sep_g.patches, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_l.cls, sep_l.cls, rtol=1e-5, atol=1e-5)
+    out = model(g, l, masks, 0.04)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.student.backbone.parameters())
+
+
+def test_drop_path_drops_whole_packed_sequences():
+    cfg = tiny_config("model.drop_path_rate=0.5")
+    backbone = DinoV2(cfg).student.backbone.train()
+    drop = backbone.vit.blocks[0].drop_path1
+    assert drop.drop_prob == 0.5, "drop_path_uniform gives every block the full rate"
+    backbone._packing.token_seq = torch.repeat_interleave(torch.arange(40), torch.tensor([5] * 20 + [3] * 20))
+    try:
+        out = drop(torch.ones(1, 160, 4))
+    finally:
+        backbone._packing.token_seq = None
+    per_token = out[0, :, 0]
+    for seq in per_token.split([5] * 20 + [3] * 20):
+        assert seq.unique().numel() == 1 and seq[0].item() in (0.0, 2.0)
+    assert 0 < (per_token == 0).sum() < 160
+    batch = drop(torch.ones(64, 7, 4))
+    assert all(b.unique().numel() == 1 for b in batch), "unpacked: one draw per sample, as timm"

@@ -1,0 +1,267 @@
+"""The training configuration: one typed dataclass tree, YAML files and `key=value` overrides.
+
+Defaults follow facebookresearch/dinov2's ssl_default_config.yaml (a ViT-S/14 here); a YAML file
+sets any subset of keys and `dinotron train --config X.yaml a.b=c` overrides single keys. Unknown
+keys and values of the wrong type raise ConfigError naming the key (with close matches).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dinotron.pipeline import MultiCropConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small_patch14_dinov2"  # any timm VisionTransformer name
+    img_size: int = 224  # size the position embedding is built for; other crop sizes interpolate it
+    drop_path_rate: float = 0.1
+    drop_path_uniform: bool = True  # dinov2: the same rate in every block
+    layerscale: float | None = 1.0e-5  # timm init_values; None disables LayerScale
+    num_registers: int = 0  # register tokens (timm reg_tokens)
+    attention: Literal["timm", "dinotron"] = "timm"  # "dinotron": our Triton attention inside timm
+    pack_crops: bool = False  # run global and local crops through the blocks in one varlen pass
+    compile: bool = False  # torch.compile the backbones
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass
+class HeadConfig:
+    n_prototypes: int = 65536
+    bottleneck_dim: int = 256
+    hidden_dim: int = 2048
+    nlayers: int = 3
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    student_temp: float = 0.1
+    koleo_loss_weight: float = 0.1
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class IBOTConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    separate_head: bool = False
+    head: HeadConfig = field(default_factory=HeadConfig)  # used when separate_head
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    centering: Literal["softmax", "sinkhorn_knopp"] = "softmax"
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100  # schedule epochs of train.epoch_length steps, as dinov2
+    base_lr: float = 0.004  # for a total batch of 1024, scaled by scaling_rule
+    scaling_rule: Literal["sqrt_wrt_1024", "linear_wrt_256", "none"] = "sqrt_wrt_1024"
+    min_lr: float = 1.0e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    clip_grad: float = 3.0  # per part (backbone, heads), as dinov2; 0 disables
+    freeze_last_layer_epochs: int = 1
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class DataConfig:
+    train_shards: list[str] = field(default_factory=list)  # brace patterns or paths
+    batch_size_per_gpu: int = 64
+    loader: Literal["dali", "torchvision"] = "dali"
+    device: Literal["auto", "gpu", "cpu"] = "auto"  # where DALI decodes and augments
+    num_threads: int = 8  # DALI CPU threads / torchvision workers
+    augment: MultiCropConfig = field(default_factory=MultiCropConfig)
+
+
+@dataclass
+class EvalConfig:
+    knn_train_shards: list[str] = field(default_factory=list)  # memory bank (labelled)
+    knn_val_shards: list[str] = field(default_factory=list)  # queries (labelled)
+    period_steps: int = 12500  # k-NN during training every this many steps; 0: only at the end
+    k: int = 20
+    temperature: float = 0.07
+    image_size: int = 224
+    resize_size: int = 256
+    batch_size: int = 256
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/dinotron"
+    seed: int = 0
+    epoch_length: int = 1250  # dinov2's OFFICIAL_EPOCH_LENGTH
+    max_steps: int | None = None  # stop early (schedules still span optim.epochs)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU runs fp32
+    log_every: int = 1
+    tensorboard: bool = False
+    checkpoint_every: int = 1250
+    keep_last: int = 3
+    progress: bool = True
+    collapse_patience: int = 50  # warn when the collapse indicators stay bad this many steps
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples become lists), suitable for YAML/JSON."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_dict(data: dict, cls=Config, prefix: str = ""):
+    """Build `cls` from a nested dict, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(_unknown_key(path, key, names, prefix))
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own validation (e.g. MultiCropConfig)
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def _unknown_key(path: str, key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else f"; valid keys here: {', '.join(names)}"
+    return f"unknown config key '{path}'{hint}"
+
+
+def _coerce(value, tp, path: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(value, tp, prefix=path + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{path}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str) and origin is list:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{path}' must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{path}' must have {len(args)} items, got {list(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
+        return int(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{path}' has an unsupported type {tp}")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings to a nested dict (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- key=value overrides, validated into a Config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections")
+    return from_dict(apply_overrides(data, overrides or []))

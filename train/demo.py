@@ -1,0 +1,141 @@
+"""`dinotron demo`: the whole system end to end on a CPU in minutes, with no download.
+
+Generates a labelled texture dataset (10 pattern classes in random colours, so colour carries no
+label), writes it to WebDataset shards, trains a small ViT with the full DINOv2 objective through
+the real pipeline (DALI on CPU), and reports weighted k-NN accuracy on a held-out split for the
+trained teacher and for the same architecture at random init. Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PATTERNS = ("stripes_h", "stripes_v", "stripes_diag", "stripes_antidiag", "checker", "dots", "rings", "grid", "waves", "blobs")
+
+
+def texture(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) uint8 image of pattern `label` with random frequency, phase and two random colours."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    f = rng.uniform(0.15, 0.35)  # radians per pixel
+    phase = rng.uniform(0, 2 * np.pi)
+    name = PATTERNS[label]
+    if name == "stripes_h":
+        v = np.sin(f * y + phase)
+    elif name == "stripes_v":
+        v = np.sin(f * x + phase)
+    elif name == "stripes_diag":
+        v = np.sin(f * (x + y) / np.sqrt(2) + phase)
+    elif name == "stripes_antidiag":
+        v = np.sin(f * (x - y) / np.sqrt(2) + phase)
+    elif name == "checker":
+        v = np.sin(f * x + phase) * np.sin(f * y + phase)
+    elif name == "dots":
+        v = np.cos(f * x + phase) + np.cos(f * y + phase) - 1.0
+    elif name == "rings":
+        cx, cy = rng.uniform(0, size, 2)
+        v = np.sin(f * np.hypot(x - cx, y - cy) + phase)
+    elif name == "grid":
+        v = 2 * np.maximum(np.cos(f * x + phase), np.cos(f * y + phase)) - 1.2
+    elif name == "waves":
+        v = np.sin(f * y + 3 * np.sin(0.7 * f * x) + phase)
+    else:  # blobs: a dozen Gaussian spots
+        v = np.full((size, size), -0.6, np.float32)
+        for _ in range(12):
+            cx, cy, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(2, 6)
+            v += 2 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
+    weight = 1 / (1 + np.exp(-4 * v))[..., None]  # soft two-tone
+    img = weight * rng.uniform(0, 255, 3) + (1 - weight) * rng.uniform(0, 255, 3)
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_texture_folder(root: Path, n_per_class: int, size: int, seed: int) -> Path:
+    """An ImageFolder tree root/<pattern>/<i>.jpg; returns root."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(PATTERNS):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(texture(label, size, rng)).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def plot_losses(metrics_file: Path, out_png: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = None, n_train_per_class: int = 200, n_val_per_class: int = 50) -> dict:
+    """Data -> shards -> k-NN at random init -> training -> k-NN -> export -> loss curve."""
+    import shutil
+
+    import torch
+
+    from dinotron.pipeline import write_shards
+    from dinotron.train.config import load_config
+    from dinotron.train.export import export_backbone
+    from dinotron.train.loop import Trainer, evaluate_knn, seed_everything
+    from dinotron.train.model import DinoV2
+
+    start = time.time()
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    size = 64
+    write_texture_folder(out / "images" / "train", n_train_per_class, size, seed=0)
+    write_texture_folder(out / "images" / "val", n_val_per_class, size, seed=1)
+    for split in ("train", "val"):
+        write_shards(out / "images" / split, out / "shards", shard_size=500, prefix=split)
+    shards = {split: sorted(str(p) for p in (out / "shards").glob(f"{split}-*.tar")) for split in ("train", "val")}
+    cfg = load_config(
+        config,
+        [
+            f"data.train_shards={json.dumps(shards['train'])}",
+            f"evaluation.knn_train_shards={json.dumps(shards['train'])}",
+            f"evaluation.knn_val_shards={json.dumps(shards['val'])}",
+            f"train.output_dir={out / 'train'}",
+        ]
+        + list(overrides or []),
+    )
+    print(f"[demo] {len(PATTERNS)} texture classes, {len(PATTERNS) * n_train_per_class} train / "
+          f"{len(PATTERNS) * n_val_per_class} val images of {size}px, shards in {out / 'shards'}", flush=True)
+
+    seed_everything(cfg.train.seed)  # the same initial weights the trainer starts from
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    random_init = evaluate_knn(DinoV2(cfg).to(device), cfg, device)
+    print(f"[demo] k-NN at random init: top-1 {random_init['top1']:.2f}%", flush=True)
+
+    trainer = Trainer(cfg)
+    trained = trainer.fit()
+    print(f"[demo] k-NN after {trainer.step} steps: top-1 {trained['knn_top1']:.2f}%", flush=True)
+    export_dir = export_backbone(trainer.model, cfg, out / "export")
+    curve = plot_losses(trainer.metrics_file, out / "loss_curve.png", f"dinotron demo: {cfg.model.arch}, {trainer.step} steps")
+    return {
+        "knn_top1_trained": round(trained["knn_top1"], 2),
+        "knn_top1_random_init": round(random_init["top1"], 2),
+        "knn_top5_trained": round(trained.get("knn_top5", float("nan")), 2),
+        "knn_top5_random_init": round(random_init.get("top5", float("nan")), 2),
+        "steps": trainer.step,
+        "seconds": round(time.time() - start, 1),
+        "loss_curve": str(curve),
+        "export": str(export_dir),
+    }

@@ -1,0 +1,78 @@
+"""Weighted k-NN classification on frozen cls features (DINO / dinov2's k-NN evaluation)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def extract_features(backbone, batches: Iterable[dict], device: torch.device, autocast_dtype: torch.dtype | None = None):
+    """L2-normalised cls features and labels of every batch, gathered from all ranks.
+
+    backbone: callable images -> object with `.cls` (B, C). Returns ((N, C) float32, (N,) int64) on `device`.
+    """
+    feats, labels = [], []
+    for batch in batches:
+        if batch.get("labels") is None:
+            raise ValueError("k-NN evaluation needs labelled shards (<key>.cls in every sample)")
+        images = batch["images"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            cls = backbone(images).cls
+        feats.append(F.normalize(cls.float(), dim=-1))
+        labels.append(batch["labels"].to(device).long())
+    if not feats:
+        raise ValueError("k-NN evaluation got no images")
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if dist.is_available() and dist.is_initialized():
+        feats, labels = _all_gather_rows(feats), _all_gather_rows(labels)
+    return feats, labels
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` over ranks along dim 0 (ranks may hold different row counts)."""
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+@torch.no_grad()
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Weighted k-NN: each of the k most cosine-similar training features votes for its label with
+    weight exp(similarity / temperature). Features must be L2-normalised.
+    Returns {"top1": %, "top5": %} (top5 only when there are >= 5 classes)."""
+    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
+        raise ValueError("k-NN needs non-empty train and test features")
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, train_features.shape[0])
+    correct1 = correct5 = 0
+    for start in range(0, test_features.shape[0], chunk):
+        q = test_features[start : start + chunk]
+        sims, idx = (q @ train_features.t()).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], n_classes, device=q.device)
+        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        ranked = votes.argsort(dim=1, descending=True)
+        truth = test_labels[start : start + chunk, None]
+        correct1 += (ranked[:, :1] == truth).any(dim=1).sum().item()
+        correct5 += (ranked[:, :5] == truth).any(dim=1).sum().item()
+    n = test_features.shape[0]
+    result = {"top1": 100.0 * correct1 / n}
+    if n_classes >= 5:
+        result["top5"] = 100.0 * correct5 / n
+    return result

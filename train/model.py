@@ -1,0 +1,311 @@
+"""DINOv2 meta-architecture on timm ViTs: backbone with mask token, DINO/iBOT heads, EMA teacher, losses.
+
+Follows facebookresearch/dinov2 (train/ssl_meta_arch.py, layers/dino_head.py): the teacher sees the
+global crops, the student all crops with iBOT masks on its global crops; DINO loss on cls tokens over
+cross-view pairs, iBOT loss on masked patches, KoLeo on the student's global cls features.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch.nn.utils.parametrizations import weight_norm
+
+from dinotron import kernels
+from dinotron.train.config import Config, HeadConfig, ModelConfig
+
+
+class DINOHead(nn.Module):
+    """MLP (nlayers, GELU) -> L2-normalised bottleneck -> weight-normalised linear to K prototypes.
+
+    x: (N, in_dim) -> (N, n_prototypes) logits in x's dtype.
+    """
+
+    def __init__(self, in_dim: int, cfg: HeadConfig):
+        super().__init__()
+        dims = [in_dim] + [cfg.hidden_dim] * (cfg.nlayers - 1) + [cfg.bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_norm(nn.Linear(cfg.bottleneck_dim, cfg.n_prototypes, bias=False))
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x)
+
+
+@dataclass
+class BackboneOutput:
+    cls: torch.Tensor  # (B, C) normed cls token
+    patches: torch.Tensor  # (B, N, C) normed patch tokens (registers excluded)
+
+
+class SequenceDropPath(nn.Module):
+    """Stochastic depth as timm's DropPath (one draw per sample of a (B, N, C) batch), and one draw
+    per packed sequence while the owning Backbone runs packed crops as (1, T, C)."""
+
+    def __init__(self, drop_prob: float, packing: "_Packing"):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.packing = packing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        seq = self.packing.token_seq
+        if seq is None:
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        else:
+            mask = x.new_empty(int(seq[-1]) + 1).bernoulli_(keep)[seq].view(1, -1, 1)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class _Packing:
+    """Which packed sequence each token belongs to, while Backbone.forward_packed runs."""
+
+    token_seq: torch.Tensor | None = None
+
+
+def create_vit(cfg: ModelConfig, drop_path_rate: float) -> nn.Module:
+    """A timm VisionTransformer with dynamic image size (all crop sizes share weights), no classifier."""
+    try:
+        vit = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=drop_path_rate, **timm_model_args(cfg))
+    except RuntimeError as e:
+        raise ValueError(f"model.arch: timm cannot create {cfg.arch!r}: {e}") from e
+    missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens") if not hasattr(vit, a)]
+    if missing or getattr(vit, "cls_token", None) is None:
+        raise ValueError(f"model.arch: {cfg.arch!r} is not a timm VisionTransformer with a class token")
+    return vit
+
+def timm_model_args(cfg: ModelConfig) -> dict:
+    """The timm.create_model keyword arguments that build the backbone (without drop path).
+
+    LayerScale off is init_values=0.0: timm.create_model drops None-valued arguments, which would
+    leave an architecture's own default (1e-5 for the *_dinov2 ViTs) in place."""
+    args = dict(num_classes=0, img_size=cfg.img_size, dynamic_img_size=True, init_values=cfg.layerscale or 0.0)
+    if cfg.num_registers:
+        args["reg_tokens"] = cfg.num_registers
+    args.update(cfg.timm_kwargs)
+    return args
+
+
+class Backbone(nn.Module):
+    """A timm ViT plus dinov2's mask token, which replaces masked patch embeddings before the
+    position embedding is added. `vit`'s state dict is plain timm.
+
+    Stochastic depth: `uniform_drop_path` gives every block that rate (dinov2's drop_path_uniform),
+    else timm's linear schedule is kept; either way per packed sequence in forward_packed."""
+
+    def __init__(self, vit: nn.Module, uniform_drop_path: float | None = None):
+        super().__init__()
+        self.vit = vit
+        self.mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim))
+        self._packing = _Packing()
+        for block in vit.blocks:
+            for name in ("drop_path1", "drop_path2"):
+                timm_rate = getattr(block, name).drop_prob if isinstance(getattr(block, name), DropPath) else 0.0
+                rate = timm_rate if uniform_drop_path is None else uniform_drop_path
+                setattr(block, name, SequenceDropPath(rate, self._packing))
+
+    @property
+    def patch_size(self) -> int:
+        return self.vit.patch_embed.patch_size[0]
+
+    def tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, S, S), masks (B, (S/p)^2) bool -> (B, prefix + (S/p)^2, C) input tokens."""
+        x = self.vit.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
+        if masks is not None:
+            x = torch.where(masks.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
+        x = self.vit._pos_embed(x)
+        x = self.vit.patch_drop(x)
+        return self.vit.norm_pre(x)
+
+    def _split(self, x: torch.Tensor) -> BackboneOutput:
+        x = self.vit.norm(x)
+        return BackboneOutput(cls=x[:, 0], patches=x[:, self.vit.num_prefix_tokens :])
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> BackboneOutput:
+        return self._split(self.vit.blocks(self.tokens(images, masks)))
+
+    def forward_packed(self, crops: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[BackboneOutput]:
+        """Several crop batches (sizes may differ) through the blocks in one varlen pass; needs the
+        dinotron attention swapped in (kernels.swap_timm_attention)."""
+        tokens = [self.tokens(images, masks) for images, masks in crops]
+        lengths = [n for t in tokens for n in [t.shape[1]] * t.shape[0]]
+        cu_seqlens, max_seqlen = kernels.make_cu_seqlens(lengths)
+        packed = torch.cat([t.flatten(0, 1) for t in tokens])[None]
+        device = packed.device
+        self._packing.token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+        try:
+            with kernels.packed_sequences(cu_seqlens.to(device), max_seqlen):
+                packed = self.vit.blocks(packed)[0]
+        finally:
+            self._packing.token_seq = None
+        outs, start = [], 0
+        for t in tokens:
+            n = t.shape[0] * t.shape[1]
+            outs.append(self._split(packed[start : start + n].view(t.shape)))
+            start += n
+        return outs
+
+
+class DinoV2(nn.Module):
+    """Student and EMA teacher (backbone, DINO head, iBOT head) with dinov2's objective.
+
+    `centers` holds the teacher centring buffers (softmax centring); the teacher never gets gradients.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        mc = cfg.model
+        student_backbone = Backbone(create_vit(mc, mc.drop_path_rate), mc.drop_path_rate if mc.drop_path_uniform else None)
+        embed_dim = student_backbone.vit.embed_dim
+        student = {"backbone": student_backbone, "dino_head": DINOHead(embed_dim, cfg.dino.head)}
+        if cfg.ibot.separate_head:
+            student["ibot_head"] = DINOHead(embed_dim, cfg.ibot.head)
+        self.student = nn.ModuleDict(student)
+        self.teacher = copy.deepcopy(self.student)
+        for block in self.teacher.backbone.vit.blocks:  # the teacher runs without stochastic depth
+            block.drop_path1 = nn.Identity()
+            block.drop_path2 = nn.Identity()
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.register_buffer("dino_center", torch.zeros(1, cfg.dino.head.n_prototypes))
+        self.register_buffer("ibot_center", torch.zeros(1, self.ibot_prototypes))
+        if mc.attention == "dinotron":
+            kernels.swap_timm_attention(self.student.backbone.vit)
+            kernels.swap_timm_attention(self.teacher.backbone.vit)
+        if mc.pack_crops and mc.attention != "dinotron":
+            raise ValueError("model.pack_crops needs model.attention=dinotron (varlen attention)")
+        if mc.compile:
+            self.student.backbone.compile()
+            self.teacher.backbone.compile()
+
+    @property
+    def ibot_prototypes(self) -> int:
+        return (self.cfg.ibot.head if self.cfg.ibot.separate_head else self.cfg.dino.head).n_prototypes
+
+    @property
+    def patch_size(self) -> int:
+        return self.student.backbone.patch_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _heads(self, part: nn.ModuleDict, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DINO logits of cls tokens, iBOT logits of patch tokens (one head call when shared)."""
+        if "ibot_head" in part:
+            return part.dino_head(cls_tokens), part.ibot_head(patch_tokens)
+        out = part.dino_head(torch.cat([cls_tokens, patch_tokens]))
+        return out[: cls_tokens.shape[0]], out[cls_tokens.shape[0] :]
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor, teacher_temp: float) -> dict:
+        """Teacher probabilities for the student's DINO (cls) and iBOT (masked patch) targets."""
+        out = self.teacher.backbone(global_crops)
+        cls_logits, patch_logits = self._heads(self.teacher, out.cls, out.patches[masks])
+        tc = self.cfg.teacher
+        if tc.centering == "softmax":  # targets use the previous centre, then the centre takes this batch in
+            cls_probs, center = kernels.softmax_center_and_update_teacher(cls_logits, self.dino_center, teacher_temp, tc.center_momentum)
+            self.dino_center.copy_(center)
+            if patch_logits.shape[0]:
+                patch_probs, center = kernels.softmax_center_and_update_teacher(
+                    patch_logits, self.ibot_center, teacher_temp, tc.center_momentum
+                )
+                self.ibot_center.copy_(center)
+            else:
+                patch_probs = patch_logits.float()
+        else:
+            cls_probs = kernels.sinkhorn_knopp_teacher(cls_logits, teacher_temp, tc.sinkhorn_iterations)
+            patch_probs = (
+                kernels.sinkhorn_knopp_teacher(patch_logits, teacher_temp, tc.sinkhorn_iterations)
+                if patch_logits.shape[0]
+                else patch_logits.float()
+            )
+        return {"cls_probs": cls_probs, "patch_probs": patch_probs}
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor, teacher_temp: float) -> dict:
+        """One training step's losses.
+
+        global_crops: (n_global*B, 3, G, G) view-major; local_crops: (n_local*B, 3, L, L) or None;
+        masks: (n_global*B, (G/p)^2) bool iBOT masks. Returns {"loss", "dino_loss", "koleo_loss",
+        "ibot_loss"} (fp32 scalars) and detached collapse indicators.
+        """
+        cfg = self.cfg
+        n_global = cfg.data.augment.n_global
+        targets = self.teacher_targets(global_crops, masks, teacher_temp)
+        backbone = self.student.backbone
+        has_local = local_crops is not None and local_crops.shape[0] > 0
+        if cfg.model.pack_crops and has_local:
+            s_global, s_local = backbone.forward_packed([(global_crops, masks), (local_crops, None)])
+        else:
+            s_global = backbone(global_crops, masks)
+            s_local = backbone(local_crops) if has_local else None
+        cls_tokens = s_global.cls if s_local is None else torch.cat([s_global.cls, s_local.cls])
+        cls_logits, patch_logits = self._heads(self.student, cls_tokens, s_global.patches[masks])
+
+        n_views = cls_logits.shape[0] // (global_crops.shape[0] // n_global)
+        student_views = cls_logits.unflatten(0, (n_views, -1))
+        teacher_views = targets["cls_probs"].unflatten(0, (n_global, -1))
+        dino = kernels.dino_loss(student_views, teacher_views, cfg.dino.student_temp)
+        koleo = sum(kernels.koleo_loss(c.float()) for c in s_global.cls.chunk(n_global))
+        if patch_logits.shape[0]:
+            ibot = kernels.ibot_patch_loss(patch_logits, targets["patch_probs"], masks, cfg.dino.student_temp)
+        else:
+            ibot = patch_logits.sum().float() * 0.0
+        total = cfg.dino.loss_weight * dino + cfg.dino.koleo_loss_weight * koleo + cfg.ibot.loss_weight * ibot
+        return {
+            "loss": total,
+            "dino_loss": dino,
+            "koleo_loss": koleo,
+            "ibot_loss": ibot,
+            **collapse_indicators(targets["cls_probs"], s_global.cls),
+        }
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, over every parameter."""
+        t = list(self.teacher.parameters())
+        s = list(self.student.parameters())
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def collapse_indicators(teacher_probs: torch.Tensor, student_cls: torch.Tensor) -> dict[str, torch.Tensor]:
+    """teacher_entropy: mean entropy of the teacher targets / log K (1 = uniform collapse);
+    prototypes_in_use: distinct argmax prototypes / min(K, rows) (tiny = one prototype dominates);
+    feature_std: std over the batch of L2-normalised student cls features, mean over dims, times
+    sqrt(D) (about 1 when spread, 0 when collapsed)."""
+    p = teacher_probs.float()
+    K = p.shape[1]
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=1).mean() / torch.log(torch.tensor(float(K)))
+    in_use = torch.unique(p.argmax(dim=1)).numel() / min(K, p.shape[0])
+    f = F.normalize(student_cls.float(), dim=-1)
+    std = f.std(dim=0).mean() * f.shape[1] ** 0.5 if f.shape[0] > 1 else f.new_zeros(())
+    return {
+        "teacher_entropy": entropy.detach(),
+        "prototypes_in_use": torch.tensor(in_use),
+        "feature_std": std.detach(),
+    }
