@@ -1,4 +1,8 @@
-"""Test set-up: the Triton interpreter where there is no GPU, and the `gpu` marker."""
+"""Test set-up: compiled kernels for `pytest -m gpu` on a CUDA machine, the Triton interpreter otherwise.
+
+The non-gpu tests run every kernel in the interpreter on CPU tensors, on any machine; the tests
+marked `gpu` run the compiled kernels on CUDA tensors and are selected with `-m gpu`.
+"""
 import os
 import sys
 
@@ -7,16 +11,24 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
-if not HAS_CUDA:
+
+def _compiled_run(config) -> bool:
+    markexpr = config.getoption("markexpr", "") or ""
+    return HAS_CUDA and "gpu" in markexpr and "not gpu" not in markexpr
+
+
+def pytest_configure(config):
     # triton reads TRITON_INTERPRET when a kernel is decorated, so this must precede every kernel import.
-    assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", "triton imported before conftest"
-    os.environ["TRITON_INTERPRET"] = "1"
+    if not _compiled_run(config):
+        assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", "triton imported before conftest"
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
+    if _compiled_run(config):
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
+    reason = "compiled kernels: run `pytest -m gpu`" if HAS_CUDA else "needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)"
+    skip_gpu = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)

@@ -51,7 +51,7 @@ def test_config_defaults_are_dinov2s():
 def test_config_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  base_lr: 0.001\nibot:\n  mask_ratio_min_max: [0.2, 0.4]\n")
-    cfg = load_config(path, ["optim.epochs=3", "teacher.centering=sinkhorn_knopp", "data.train_shards=a-{0..3}.tar", "optim.min_lr=1e-7"])
+    cfg = load_config(path, ["optim.epochs=3", "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=1", "teacher.centering=sinkhorn_knopp", "data.train_shards=a-{0..3}.tar", "optim.min_lr=1e-7"])
     assert cfg.optim.base_lr == 0.001 and cfg.optim.epochs == 3 and cfg.optim.min_lr == 1e-7
     assert cfg.ibot.mask_ratio_min_max == (0.2, 0.4)
     assert cfg.teacher.centering == "sinkhorn_knopp"
@@ -70,6 +70,8 @@ def test_config_yaml_and_overrides(tmp_path):
         ("ibot.mask_ratio_min_max=[0.1]", r"must have 2 items"),
         ("train.progress=maybe", r"must be true or false"),
         ("epochs", r"not of the form key=value"),
+        ("optim.epochs=5", r"optim.warmup_epochs \(10\) .* must not exceed optim.epochs \(5\)"),
+        ("data.augment.flip_p=2", r"data.augment: MultiCropConfig.flip_p must be probabilities"),
     ],
 )
 def test_config_errors_name_the_key(override, match):

@@ -139,6 +139,14 @@ class Config:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        o = self.optim
+        if o.warmup_epochs > o.epochs or o.freeze_last_layer_epochs > o.epochs:
+            raise ValueError(
+                f"optim.warmup_epochs ({o.warmup_epochs}) and optim.freeze_last_layer_epochs "
+                f"({o.freeze_last_layer_epochs}) must not exceed optim.epochs ({o.epochs})"
+            )
+
 
 def to_dict(cfg) -> dict:
     """Plain nested dict (tuples become lists), suitable for YAML/JSON."""

@@ -20,7 +20,7 @@ PATTERNS = ("stripes_h", "stripes_v", "stripes_diag", "stripes_antidiag", "check
 def texture(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """(size, size, 3) uint8 image of pattern `label` with random frequency, phase and two random colours."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    f = rng.uniform(0.15, 0.35)  # radians per pixel
+    f = rng.uniform(0.3, 0.6)  # radians per pixel: periods of 10-21 px, several in every crop
     phase = rng.uniform(0, 2 * np.pi)
     name = PATTERNS[label]
     if name == "stripes_h":
@@ -78,7 +78,7 @@ def plot_losses(metrics_file: Path, out_png: Path, title: str) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=10)
-    ax.legend()
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -104,7 +104,7 @@ def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = 
     write_texture_folder(out / "images" / "train", n_train_per_class, size, seed=0)
     write_texture_folder(out / "images" / "val", n_val_per_class, size, seed=1)
     for split in ("train", "val"):
-        write_shards(out / "images" / split, out / "shards", shard_size=500, prefix=split)
+        write_shards(out / "images" / split, out / "shards", shard_size=500, prefix=split, progress=False)
     shards = {split: sorted(str(p) for p in (out / "shards").glob(f"{split}-*.tar")) for split in ("train", "val")}
     cfg = load_config(
         config,
@@ -128,7 +128,9 @@ def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = 
     trained = trainer.fit()
     print(f"[demo] k-NN after {trainer.step} steps: top-1 {trained['knn_top1']:.2f}%", flush=True)
     export_dir = export_backbone(trainer.model, cfg, out / "export")
-    curve = plot_losses(trainer.metrics_file, out / "loss_curve.png", f"dinotron demo: {cfg.model.arch}, {trainer.step} steps")
+    vit = trainer.model.teacher.backbone.vit
+    arch = f"ViT dim {vit.embed_dim}, depth {len(vit.blocks)}, patch {trainer.model.patch_size}"
+    curve = plot_losses(trainer.metrics_file, out / "loss_curve.png", f"dinotron demo: {arch}, {trainer.step} steps, CPU")
     return {
         "knn_top1_trained": round(trained["knn_top1"], 2),
         "knn_top1_random_init": round(random_init["top1"], 2),
