@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from dinotron.kernels import KoLeoLoss, koleo, koleo_loss
 from dinotron.kernels import reference as ref
+from lowering import assert_lowers
 
 # The interpreter computes in fp32 like the reference; only summation orders differ.
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -217,7 +218,33 @@ def test_group_equals_one_process_holding_every_row(tmp_path):
         assert "one shape (B, D), got [(3, 24), (4, 24)]" in results[r]["mismatch"]
 
 
-# ---- compiled kernels (GPU machine: pytest -m gpu) ----------------------------------------------
+# ---- compiled kernels ----------------------------------------------------------------------------
+
+# The search with one split and with several (fp32 through tf32 / tf32x3, bf16), the finishing kernel,
+# and the backward, for p = 2 and another degree.
+LOWER_SCRIPT = """
+from dinotron.kernels import koleo
+
+rows = dict(NORM_Q="*fp32", NORM_NN="*fp32", LOSS="*fp32")
+tf32, tf32x3 = tl.constexpr("tf32"), tl.constexpr("tf32x3")
+for dtype, merge, precision, p_is_2 in [("fp32", False, tf32, True), ("fp32", True, tf32x3, True), ("bf16", True, None, False)]:
+    lower(koleo._koleo_search_kernel, dict(K=f"*{dtype}", BEST="*i64" if merge else None, NN="*i32", **rows,
+          B="i32", N="i32", D="i32", offset="i32", stride="i32", keys_per_split="i32", eps="fp32", p="fp32",
+          BLOCK_M=64, BLOCK_N=koleo._BLOCK_N, BLOCK_K=64, MERGE=merge, P_IS_2=p_is_2, PRECISION=precision,
+          UPCAST=False), num_warps=4)
+lower(koleo._koleo_finish_kernel, dict(K="*bf16", BEST="*i64", NN="*i32", **rows, B="i32", D="i32", offset="i32",
+      stride="i32", eps="fp32", p="fp32", BLOCK_M=64, BLOCK_K=64, P_IS_2=True), num_warps=4)
+lower(koleo._koleo_bwd_kernel, dict(K="*bf16", NN="*i32", NORM_Q="*fp32", NORM_NN="*fp32", GRAD_LOSS="*fp32",
+      DK="*fp32", B="i32", D="i32", offset="i32", stride="i32", stride_dk="i32", eps="fp32", p="fp32",
+      inv_B="fp32", BLOCK_M=koleo._BLOCK_M_BWD, BLOCK_K=64, P_IS_2=False), num_warps=4)
+"""
+
+
+def test_kernels_compile_for_h100():
+    assert_lowers(LOWER_SCRIPT, 5)
+
+
+# ---- on a CUDA GPU (pytest -m gpu) ---------------------------------------------------------------
 
 def _pairs(B, D, device):
     """Rows in shuffled pairs (a direction and a 5% perturbation of it): every nearest neighbour wins by
