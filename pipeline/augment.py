@@ -21,6 +21,8 @@ class MultiCropConfig:
 
     View order is fixed: global crops 0..n_global-1, then local crops. Colour jitter applies
     brightness, contrast, saturation, hue in this fixed order (torchvision's ColorJitter shuffles it).
+    Blur probabilities are the stated recipe's; dinov2's GaussianBlur hands 1 - p to RandomApply, so its
+    models were trained with global_blur_p=(0.0, 0.9).
     """
 
     n_global: int = 2  # global crops per image

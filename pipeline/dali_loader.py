@@ -45,7 +45,7 @@ def _pipeline(graph, batch_size: int, device: str, device_id: int | None, num_th
 
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
-    pipe = pipeline_def(graph, enable_conditionals=True)(
+    pipe = pipeline_def(graph, enable_conditionals=True, exec_dynamic=True)(  # outputs(cuda_stream=...) needs it
         batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
         prefetch_queue_depth=prefetch)
     pipe.build()
@@ -55,9 +55,31 @@ def _pipeline(graph, batch_size: int, device: str, device_id: int | None, num_th
 def _decode(encoded, device: str, hw_decoder_load: float):
     from nvidia.dali import fn, types
 
+    # adjust_orientation=False: pixels as stored, as PIL (the torchvision loaders) and dinov2 decode them, and
+    # as the crop boxes (from the JPEG header's size) assume; DALI would otherwise apply the EXIF rotation.
     if device == "gpu":
-        return fn.decoders.image(encoded, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
-    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        return fn.decoders.image(encoded, device="mixed", output_type=types.RGB, adjust_orientation=False,
+                                 hw_decoder_load=hw_decoder_load)
+    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+
+def color_jitter(images, brightness, contrast, saturation, hue, device: str):
+    """torchvision's adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue in this order on uint8
+    HWC images; the factors are per-sample scalars (CPU nodes), hue in turns (-0.5..0.5).
+
+    Contrast blends with the mean grey level of the (brightness-adjusted) image, as torchvision does; DALI's
+    colour twist would pivot on 128. Saturation in the colour twist is the same blend with the luma as
+    torchvision's; the hue rotation is DALI's (in YIQ, torchvision's is in HSV).
+    """
+    from nvidia.dali import fn, math, types
+
+    images = fn.color_twist(images, brightness=brightness)
+    grey_mean = fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
+    if device == "gpu":
+        contrast = contrast.gpu()
+    blended = math.clamp(contrast * images + (1.0 - contrast) * grey_mean, 0.0, 255.0)
+    images = fn.cast(blended, dtype=types.UINT8)
+    return fn.color_twist(images, saturation=saturation, hue=hue * 360.0)
 
 
 def _normalize(images, mean, std, dtype: torch.dtype, **crop):
@@ -83,8 +105,8 @@ def build_multicrop_pipeline(cfg: MultiCropConfig, batch_size: int, *, device: s
         out = fn.resize(images, roi_start=p[A.P_Y0:A.P_X0 + 1], roi_end=p[A.P_Y1:A.P_X1 + 1], size=[size, size],
                         interp_type=interp, antialias=True)
         if jitter:
-            out = fn.color_twist(out, brightness=p[A.P_BRIGHT], contrast=p[A.P_CONTRAST],
-                                 saturation=p[A.P_SAT] * (1.0 - p[A.P_GRAY]), hue=p[A.P_HUE] * 360.0)
+            out = color_jitter(out, p[A.P_BRIGHT], p[A.P_CONTRAST], p[A.P_SAT] * (1.0 - p[A.P_GRAY]), p[A.P_HUE],
+                               device)
         if cfg.blur_p(v) >= 1.0:
             out = fn.gaussian_blur(out, sigma=p[A.P_SIGMA], window_size=cfg.blur_kernel_size)
         elif cfg.blur_p(v) > 0.0:

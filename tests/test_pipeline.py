@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from dinotron.pipeline import (
@@ -346,7 +347,57 @@ def test_dali_matches_torchvision(id_shards):
     full = MultiCropConfig(**SMALL)
     d = next(iter(MultiCropLoader(id_shards, 8, **{**kw, "augment": full})))
     t = next(iter(TorchvisionMultiCropLoader(id_shards, 8, **{**kw, "augment": full})))
-    assert (d["global_crops"] - t["global_crops"]).abs().mean() < 0.25
+    for key in ("global_crops", "local_crops"):  # measured 0.09-0.14 (hue rotation and blur filters differ)
+        assert (d[key] - t[key]).abs().mean() < 0.2, key
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_dali_color_jitter_is_torchvisions(device):
+    """Brightness, contrast (around the image's mean grey, not 128) and saturation as torchvision's functions,
+    to a few grey levels (rounding); DALI's hue rotation (YIQ) is not torchvision's (HSV) and is left out."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (12, 17, 3), dtype=np.uint8), (rng.integers(0, 256, (9, 9, 3)) // 3 + 60).astype(np.uint8),
+              smooth_image(rng, 20, 14), rng.integers(100, 256, (8, 11, 3), dtype=np.uint8)]
+    factors = np.array([[1.0, 1.4, 1.0], [1.4, 0.6, 1.0], [0.7, 1.3, 0.0], [1.2, 0.8, 1.3]], np.float32)
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=0 if device == "gpu" else None)
+    def pipe():
+        x = fn.external_source(name="x", dtype=types.UINT8, ndim=3, layout="HWC", device=device)
+        f = fn.external_source(name="f", dtype=types.FLOAT, ndim=1)
+        return dali_loader.color_jitter(x, f[0], f[1], f[2], f[1] * 0.0, device)
+
+    p = pipe()
+    p.build()
+    p.feed_input("x", images)
+    p.feed_input("f", list(factors))
+    (out,) = p.run()
+    out = out.as_cpu() if device == "gpu" else out
+    for i, img in enumerate(images):
+        b, c, sat = map(float, factors[i])
+        expected = torch.tensor(img).permute(2, 0, 1)
+        expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(expected, b), c), sat)
+        actual = torch.from_numpy(np.array(out[i])).permute(2, 0, 1)
+        assert (actual.int() - expected.int()).abs().max() <= 3, i
+
+
+def test_exif_orientation_is_ignored_as_pil_does(tmp_path):
+    """A JPEG with an EXIF rotation (orientation 6) is cropped as stored, as PIL decodes it, not rotated."""
+    rng = np.random.default_rng(2)
+    img = smooth_image(rng, 36, 60)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95, exif=exif)
+    path = tar_samples(tmp_path / "exif.tar", [(f"k{i}", {"jpg": buf.getvalue(), "cls": b"0"}) for i in range(4)])
+    cfg = MultiCropConfig(**SMALL, **PLAIN, interpolation="bilinear")
+    kw = dict(device="cpu", augment=cfg, seed=3, num_threads=1)
+    d = next(iter(MultiCropLoader(path, 4, **kw)))
+    t = next(iter(TorchvisionMultiCropLoader(path, 4, **kw)))
+    for key in ("global_crops", "local_crops"):
+        diff = (d[key] - t[key]).abs()
+        assert diff.mean() < 0.01 and diff.max() < 0.3, (key, diff.mean(), diff.max())
 
 
 @pytest.mark.parametrize("impl", ["dali", "torchvision"])
@@ -406,14 +457,15 @@ def test_resume_position(impl, id_shards):
     assert ids_of(next(iter(first))) == ids_of(straight[6]) and first.state_dict()["epoch"] == 1
 
 
-@pytest.mark.parametrize("impl", ["dali", "torchvision"])
-def test_corrupt_jpeg_names_shard_and_key(impl, tmp_path):
+@pytest.mark.parametrize("impl,device", [("dali", "cpu"), ("torchvision", "cpu"),
+                                         pytest.param("dali", "gpu", marks=pytest.mark.gpu)])
+def test_corrupt_jpeg_names_shard_and_key(impl, device, tmp_path):
     rng = np.random.default_rng(4)
     good = jpeg(smooth_image(rng, 40, 40))
     cfg = MultiCropConfig(global_size=16, local_size=8, n_local=1)
     for name, bad in (("garbage", b"\xff\xd8\xff\xe0 not really a jpeg"), ("truncated", good[: len(good) // 2])):
         path = tar_samples(tmp_path / f"{name}.tar", [(f"k{i}", {"jpg": bad if i == 5 else good}) for i in range(8)])
-        loader = LOADERS[impl](path, 4, device="cpu", augment=cfg, num_threads=1, shuffle=False)
+        loader = LOADERS[impl](path, 4, device=device, augment=cfg, num_threads=1, shuffle=False)
         with pytest.raises(ShardError, match=rf"{name}\.tar, sample 'k5'.*(undecodable|truncated)"):
             list(loader)
 
@@ -488,6 +540,12 @@ def test_gpu_loader_matches_cpu(dtype, id_shards):
     assert g["global_crops"].is_cuda and g["global_crops"].dtype == dtype and ids_of(g) == ids_of(c)
     for key in ("global_crops", "local_crops"):
         assert (g[key].float().cpu() - c[key]).abs().mean() < 0.03
+    # The full recipe (jitter, grayscale, blur, solarize) on the GPU operators, against the CPU ones.
+    full = MultiCropConfig(**SMALL)
+    g = next(iter(MultiCropLoader(id_shards, 8, device="gpu", augment=full, seed=5, dtype=dtype)))
+    c = next(iter(MultiCropLoader(id_shards, 8, device="cpu", augment=full, seed=5)))
+    for key in ("global_crops", "local_crops"):
+        assert (g[key].float().cpu() - c[key]).abs().mean() < 0.05
     e = next(iter(EvalLoader(id_shards, 8, image_size=32, resize_size=36, device="gpu")))
     assert e["images"].is_cuda and e["images"].shape == (8, 3, 32, 32)
 

@@ -2,9 +2,12 @@
 import json
 import os
 import signal
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from dinotron.train import checkpoint as ckpt
 from dinotron.train import loop
@@ -120,12 +123,79 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, memory_loader, m
         return out
 
     monkeypatch.setattr(trainer.model, "forward", forward)
-    with pytest.raises(loop.TrainingDiverged, match=r"non-finite ibot_loss = nan at step 4"):
+    with pytest.raises(loop.TrainingDiverged, match=r"non-finite ibot_loss = nan, loss = nan at step 4"):
         trainer.fit()
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     assert saved["step"] == 3
     for v in saved["model"].values():
         assert torch.isfinite(v).all()
+
+
+def test_nan_from_the_data_stops_through_the_real_kernels(tmp_path, memory_loader, monkeypatch):
+    """NaN pixels reach every loss kernel: the trainer (not a kernel's own check) stops, naming the step."""
+    trainer = loop.Trainer(config(tmp_path))
+    real_forward = trainer.model.forward
+
+    def forward(global_crops, *args):
+        return real_forward(global_crops * float("nan") if trainer.step == 2 else global_crops, *args)
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    with pytest.raises(loop.TrainingDiverged, match=r"non-finite dino_loss = nan, .* at step 2"):
+        trainer.fit()
+
+
+def _two_rank_worker(rank, tmp_path, results):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    loop.build_train_loader = lambda cfg, rank, world: MemoryLoader(seed=rank)
+    try:
+        torch.manual_seed(100 + rank)  # whatever the RNG state before, the ranks start from the same weights
+        trainer = loop.Trainer(config(tmp_path / "sigterm", "train.checkpoint_every=100"))
+        initial = [p.detach().clone() for p in trainer.model.student.parameters()]
+        real_step = trainer.train_step
+
+        def step_then_sigterm(batch):  # only rank 1 is signalled
+            out = real_step(batch)
+            if rank == 1 and trainer.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        trainer.train_step = step_then_sigterm
+        trainer.fit()
+        out = {"initial": initial, "step": trainer.step, "teacher": teacher_state(trainer)}
+
+        trainer = loop.Trainer(config(tmp_path / "nan"))
+        real_forward = trainer.model.forward
+
+        def forward(global_crops, *args):  # NaN on rank 1 only
+            nan = rank == 1 and trainer.step == 1
+            return real_forward(global_crops * float("nan") if nan else global_crops, *args)
+
+        trainer.model.forward = forward
+        try:
+            trainer.fit()
+        except loop.TrainingDiverged as err:
+            out["diverged"] = str(err)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_share_weights_and_stop_together(tmp_path):
+    """Two gloo ranks: equal initial weights; a SIGTERM on one rank stops both after the same step with
+    one checkpoint; a NaN on one rank stops both (none is left waiting in a collective)."""
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_worker, args=(tmp_path, results), nprocs=2, join=True)
+    r0, r1 = results[0], results[1]
+    for a, b in zip(r0["initial"], r1["initial"]):
+        assert torch.equal(a, b)
+    assert r0["step"] == r1["step"] == 2
+    for k in r0["teacher"]:
+        torch.testing.assert_close(r0["teacher"][k], r1["teacher"][k], rtol=1e-5, atol=1e-6)
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "sigterm"))["step"] == 2
+    assert "non-finite loss on another rank at step 1" in r0["diverged"]
+    assert "non-finite dino_loss = nan" in r1["diverged"]
 
 
 def test_train_cli_reports_divergence(tmp_path, memory_loader, monkeypatch, capsys):

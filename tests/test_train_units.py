@@ -15,7 +15,7 @@ from dinotron.train.export import export_backbone
 from dinotron.train.knn import knn_classify
 from dinotron.train.loop import CollapseWatch
 from dinotron.train.masking import BlockMaskGenerator, sample_masks
-from dinotron.train.model import DinoV2
+from dinotron.train.model import DINOHead, DinoV2
 from dinotron.train.optim import apply_schedules, build_optimizer, layer_id, param_groups
 from dinotron.train.schedules import CosineSchedule, build_schedules, scaled_lr
 
@@ -188,6 +188,21 @@ def test_ema_update():
     for before, t, s in zip(t0, model.teacher.parameters(), model.student.parameters()):
         torch.testing.assert_close(t, 0.9 * before + 0.1 * s)
     assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_head_logits_in_fp16_under_bf16_autocast():
+    """The prototype logits (cosines) leave the head in fp16 under bf16 autocast, fp32 otherwise."""
+    head = DINOHead(32, tiny_config().dino.head)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        normalized = F.normalize(head.mlp(x), dim=-1)
+        assert head(x).dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = head(x)
+            assert bf16.dtype == torch.float16
+            assert head.last_layer(normalized).dtype == torch.bfloat16  # what it would be without the switch
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert head(x).dtype == torch.float16
 
 
 # ---- the objective equals the reference ops composed as dinov2 does -----------------------------

@@ -38,14 +38,14 @@ class TrainingDiverged(RuntimeError):
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises torch.distributed under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # before NCCL starts, so that its communicators use this GPU
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
 
 
 def seed_everything(seed: int) -> None:
@@ -140,8 +140,12 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed()
         self.out_dir = Path(cfg.train.output_dir)
-        seed_everything(cfg.train.seed + self.rank)
+        seed_everything(cfg.train.seed)  # the same initial weights on every rank (and broadcast, to be sure)
         self.model = DinoV2(cfg).to(self.device)
+        if dist.is_initialized():
+            for t in self.model.state_dict().values():
+                dist.broadcast(t, src=0)
+        seed_everything(cfg.train.seed + self.rank)
         self.model.train()
         self.optimizer = build_optimizer(self.model.student, cfg.optim)
         self.schedules = build_schedules(cfg, cfg.data.batch_size_per_gpu * self.world)
@@ -195,7 +199,8 @@ class Trainer:
             raise ValueError(f"{path} was trained with a different model config: {to_dict(saved)['model']}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 loss scaling
+            self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
         if len(state["rng_per_rank"]) != self.world:
             raise ValueError(f"{path} was saved by {len(state['rng_per_rank'])} ranks, resuming on {self.world}")
@@ -230,12 +235,12 @@ class Trainer:
         with autocast:
             out = self.model(global_crops, local_crops, masks, sched["teacher_temp"])
         values = {k: float(v.detach()) for k, v in out.items()}
-        for part in LOSS_PARTS:
-            if not math.isfinite(values[part]):
-                raise TrainingDiverged(
-                    f"non-finite {part} = {values[part]} at step {self.step}; stopping. The last good checkpoint "
-                    f"in {self.out_dir} is intact (try a lower optim.base_lr or train.precision=fp32)"
-                )
+        bad = [f"{part} = {values[part]}" for part in LOSS_PARTS if not math.isfinite(values[part])]
+        if self._any_rank(bool(bad)):  # every rank stops at the same step, none is left in a collective
+            raise TrainingDiverged(
+                f"non-finite {', '.join(bad) or 'loss on another rank'} at step {self.step}; stopping. The last good "
+                f"checkpoint in {self.out_dir} is intact (try a lower optim.base_lr or train.precision=fp32)"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()
         if self.world > 1:
@@ -249,6 +254,14 @@ class Trainer:
         values.update({f"grad_norm_{k}": float(v) for k, v in norms.items()})
         values.update(sched)
         return values
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` is True on any rank (a collective: every rank must call it)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t)
 
     def _all_reduce_gradients(self) -> None:
         grads = [p.grad for p in self.model.student.parameters() if p.grad is not None]
@@ -265,18 +278,23 @@ class Trainer:
         bar = tqdm(total=self.end_step, initial=self.step, disable=not (self.is_main and cfg.train.progress), dynamic_ncols=True)
         images = cfg.data.batch_size_per_gpu * self.world
         last: dict = {}
+        stopping = False
         try:
-            while self.step < self.end_step and self.stop_signal is None:
+            while self.step < self.end_step and not stopping:
                 tic = time.perf_counter()
                 for batch in self.loader:
                     last = {"step": self.step + 1, **self.train_step(batch)}
                     last["images_per_s"] = images / (time.perf_counter() - tic)
+                    if self.device.type == "cuda":
+                        last["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     self._log(last, bar)
-                    if self.step % cfg.train.checkpoint_every == 0 or self.step == self.end_step or self.stop_signal is not None:
+                    # A signal may reach the ranks at different steps: they stop together after this one.
+                    stopping = self._any_rank(self.stop_signal is not None)
+                    if self.step % cfg.train.checkpoint_every == 0 or self.step == self.end_step or stopping:
                         self.save()
                     if self._knn_due():
                         last.update(self._knn())
-                    if self.step >= self.end_step or self.stop_signal is not None:
+                    if self.step >= self.end_step or stopping:
                         break
                     tic = time.perf_counter()
                 else:
@@ -287,9 +305,10 @@ class Trainer:
                 signal.signal(s, handler)
             if self.tb is not None:
                 self.tb.close()
-        if self.stop_signal is not None:
+        if stopping:  # by a signal, here or on another rank
             if self.is_main:
-                print(f"stopped by signal {self.stop_signal} after step {self.step}; checkpoint saved", file=sys.stderr)
+                print(f"stopped by signal {self.stop_signal or 'on another rank'} after step {self.step}; "
+                      "checkpoint saved", file=sys.stderr)
         elif cfg.evaluation.knn_val_shards and not self._knn_due():
             last.update(self._knn())
         return last

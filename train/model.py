@@ -45,6 +45,12 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+            # The logits are cosines, divided by temperatures down to 0.04: bf16's 2^-8 steps near 1 would
+            # become 0.1 in the softmax; fp16 has 8x finer ones (dinov2 runs its heads in fp16).
+            with torch.autocast(device, dtype=torch.float16):
+                return self.last_layer(x)
         return self.last_layer(x)
 
 
@@ -227,19 +233,21 @@ class DinoV2(nn.Module):
         cls_logits, patch_logits = self._heads(self.teacher, out.cls, out.patches[masks])
         tc = self.cfg.teacher
         if tc.centering == "softmax":  # targets use the previous centre, then the centre takes this batch in
-            cls_probs, center = kernels.softmax_center_and_update_teacher(cls_logits, self.dino_center, teacher_temp, tc.center_momentum)
+            cls_probs, center = kernels.softmax_center_and_update_teacher(
+                cls_logits, self.dino_center, teacher_temp, tc.center_momentum, check_finite=False
+            )
             self.dino_center.copy_(center)
             if patch_logits.shape[0]:
                 patch_probs, center = kernels.softmax_center_and_update_teacher(
-                    patch_logits, self.ibot_center, teacher_temp, tc.center_momentum
+                    patch_logits, self.ibot_center, teacher_temp, tc.center_momentum, check_finite=False
                 )
                 self.ibot_center.copy_(center)
             else:
                 patch_probs = patch_logits.float()
         else:
-            cls_probs = kernels.sinkhorn_knopp_teacher(cls_logits, teacher_temp, tc.sinkhorn_iterations)
+            cls_probs = kernels.sinkhorn_knopp_teacher(cls_logits, teacher_temp, tc.sinkhorn_iterations, check_finite=False)
             patch_probs = (
-                kernels.sinkhorn_knopp_teacher(patch_logits, teacher_temp, tc.sinkhorn_iterations)
+                kernels.sinkhorn_knopp_teacher(patch_logits, teacher_temp, tc.sinkhorn_iterations, check_finite=False)
                 if patch_logits.shape[0]
                 else patch_logits.float()
             )
@@ -268,10 +276,12 @@ class DinoV2(nn.Module):
         n_views = cls_logits.shape[0] // (global_crops.shape[0] // n_global)
         student_views = cls_logits.unflatten(0, (n_views, -1))
         teacher_views = targets["cls_probs"].unflatten(0, (n_global, -1))
-        dino = kernels.dino_loss(student_views, teacher_views, cfg.dino.student_temp)
-        koleo = sum(kernels.koleo_loss(c.float()) for c in s_global.cls.chunk(n_global))
+        dino = kernels.dino_loss(student_views, teacher_views, cfg.dino.student_temp, check_finite=False)
+        koleo = sum(kernels.koleo_loss(c.float(), check_finite=False) for c in s_global.cls.chunk(n_global))
         if patch_logits.shape[0]:
-            ibot = kernels.ibot_patch_loss(patch_logits, targets["patch_probs"], masks, cfg.dino.student_temp)
+            ibot = kernels.ibot_patch_loss(
+                patch_logits, targets["patch_probs"], masks, cfg.dino.student_temp, check_finite=False
+            )
         else:
             ibot = patch_logits.sum().float() * 0.0
         total = cfg.dino.loss_weight * dino + cfg.dino.koleo_loss_weight * koleo + cfg.ibot.loss_weight * ibot
