@@ -1,10 +1,10 @@
-# `make test` / `make demo` set up .venv on first use (or when pyproject.toml changes), then run.
+# `make test` / `make lint` / `make demo` set up .venv on first use (or when pyproject.toml changes), then run.
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test demo clean
+.PHONY: test lint demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	$(VENV)/bin/dinotron demo --config configs/demo.yaml --out runs/demo

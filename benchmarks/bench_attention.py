@@ -67,7 +67,8 @@ def load_xformers(device: str):
         x = torch.randn(1, 8, 1, 64, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
         xops.memory_efficient_attention(x, x, x)
     except Exception as e:
-        return None, f"xformers' kernels do not run on {device}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, (f"xformers' kernels do not run on {device}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}")
     return xops, None
 
 
@@ -113,7 +114,8 @@ def packed_impls(args, xops, groups):
         impls[name] = lambda qkv, backend=backend: [_sdpa(backend, *heads_first(t)) for t in per_group(qkv)]
     if xops is not None:
         bias = xops.fmha.BlockDiagonalMask.from_seqlens(lengths)
-        impls["xformers"] = lambda qkv: xops.memory_efficient_attention(*(t[None] for t in qkv.unbind(1)), attn_bias=bias)
+        impls["xformers"] = lambda qkv: xops.memory_efficient_attention(*(t[None] for t in qkv.unbind(1)),
+                                                                        attn_bias=bias)
     return impls, stack
 
 

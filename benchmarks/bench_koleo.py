@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from common import add_speedups, measure, save
-from dinotron.kernels import koleo_loss
-from dinotron.kernels import reference
+from dinotron.kernels import koleo_loss, reference
 
 
 def lightly_koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -59,11 +58,14 @@ def measure_step(case: str, impl: str, fn, x: torch.Tensor, device: str, args) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--B", type=int, nargs="+", default=None, help="batch sizes (default: 128 4096 on CUDA, 128 1024 on CPU)")
+    parser.add_argument("--B", type=int, nargs="+", default=None,
+                        help="batch sizes (default: 128 4096 on CUDA, 128 1024 on CPU)")
     parser.add_argument("--D", type=int, default=384)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--tf32", action="store_true", help="torch.backends.cuda.matmul.allow_tf32 = True (dinov2's setting)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="add the torch.compile row")
+    parser.add_argument("--tf32", action="store_true",
+                        help="torch.backends.cuda.matmul.allow_tf32 = True (dinov2's setting)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the torch.compile row")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--rep", type=int, default=None)
@@ -86,8 +88,8 @@ def main(argv=None) -> int:
             rows.append(measure_step(case, impl, fn, x, args.device, args))
     add_speedups(rows, ours="dinotron")
     dinotron_path = "triton kernels" if on_cuda else "eager reference (CPU fallback)"
-    save("koleo", rows, args.device, extra={"dtype": args.dtype, "D": args.D, "tf32": args.tf32, "threads": torch.get_num_threads(),
-                                                "dinotron_path": dinotron_path})
+    save("koleo", rows, args.device, extra={"dtype": args.dtype, "D": args.D, "tf32": args.tf32,
+                                            "threads": torch.get_num_threads(), "dinotron_path": dinotron_path})
     return 0
 
 

@@ -78,7 +78,8 @@ def loss_impls(K: int, device: str, compile_: bool) -> dict:
     vectorised = EagerDINOLoss(K, device, vectorised=True)
     out = {
         "dinotron": DINOLoss(K, TEACHER_TEMP, TEACHER_TEMP, student_temp=STUDENT_TEMP).to(device),
-        "dinotron_unchecked": DINOLoss(K, TEACHER_TEMP, TEACHER_TEMP, student_temp=STUDENT_TEMP, check_finite=False).to(device),
+        "dinotron_unchecked": DINOLoss(K, TEACHER_TEMP, TEACHER_TEMP, student_temp=STUDENT_TEMP,
+                                       check_finite=False).to(device),
         "eager_lightly": EagerDINOLoss(K, device, vectorised=False),
         "eager_vectorised": vectorised,
     }
@@ -104,12 +105,14 @@ def sinkhorn_impls(compile_: bool) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--B", type=int, nargs="+", default=None, help="batch sizes (default: 64 128 on CUDA, 16 32 on CPU)")
+    parser.add_argument("--B", type=int, nargs="+", default=None,
+                        help="batch sizes (default: 64 128 on CUDA, 16 32 on CPU)")
     parser.add_argument("--K", type=int, default=65536)
     parser.add_argument("--n-local", type=int, default=8, help="local crops: the student has 2 + n_local views")
     parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=None,
                         help="logits dtype (default: float32 bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="add the torch.compile rows")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the torch.compile rows")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--rep", type=int, default=None)
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
             teacher = [torch.randn(B, K, device=args.device).to(dtype) for _ in range(T)]
             student = [torch.randn(B, K, device=args.device).to(dtype).requires_grad_() for _ in range(S)]
             for impl, loss_fn in loss_impls(K, args.device, args.compile).items():
-                def step(loss_fn=loss_fn):
+                def step(loss_fn=loss_fn, teacher=teacher, student=student):
                     for s in student:
                         s.grad = None
                     loss_fn(teacher, student).backward()
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
             case = f"B={B} sinkhorn rows={T * B} K={K} {dtype_name} fwd"
             logits = torch.randn(T * B, K, device=args.device).to(dtype)
             for impl, fn in sinkhorn_impls(args.compile).items():
-                rows.append(measure(case, impl, lambda fn=fn: fn(logits), args.device, args.warmup, args.rep))
+                rows.append(measure(case, impl, lambda fn=fn, logits=logits: fn(logits), args.device, args.warmup,
+                                    args.rep))
             del logits
     add_speedups(rows, ours="dinotron")
     dinotron_path = "triton kernels" if on_cuda else "eager reference (CPU fallback)"

@@ -66,7 +66,8 @@ def _write_image(job: tuple[int, Path]) -> None:
 
 
 def make_dataset(data_dir: Path, n: int, shard_size: int) -> str:
-    """ImageNet-like shards of n images (one class per source photo) in data_dir (reused when there); returns the pattern."""
+    """ImageNet-like shards of n images (one class per source photo) in data_dir (reused when there);
+    returns the pattern."""
     shards = data_dir / f"shards-{n}"
     pattern = shards / f"bench-{{000000..{(n - 1) // shard_size:06d}}}.tar"
     if (shards / "manifest.json").exists():
@@ -114,8 +115,10 @@ def stock_torchvision_wds(pattern: str, batch_size: int, workers: int, cfg: Mult
                 "labels": torch.tensor([s[1] for s in samples])}
 
     dataset = (wds.WebDataset(pattern, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node)
-               .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map(augment).batched(batch_size, collation_fn=collate))
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+               .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map(augment)
+               .batched(batch_size, collation_fn=collate))
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                       prefetch_factor=2 if workers else None)
 
 
 def endless(loader):
@@ -148,7 +151,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=256 if gpu else 32)
     parser.add_argument("--images", type=int, default=8192 if gpu else 512, help="dataset size")
     parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=None, help="timed batches (default: one pass over the data, >= 4)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="timed batches (default: one pass over the data, >= 4)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="measure every impl this many times, round-robin; median")
     parser.add_argument("--gpu-batches-factor", type=int, default=4, help="dali_gpu times this many more batches")
@@ -158,14 +162,18 @@ def main() -> int:
     pattern = make_dataset(Path(args.data_dir), args.images, args.shard_size)
     cfg = MultiCropConfig()
     batches = args.batches or max(4, args.images // args.batch_size)
-    case_of = lambda w: f"{cfg.n_global}x{cfg.global_size}+{cfg.n_local}x{cfg.local_size} 500x375 JPEG B={args.batch_size} workers={w}"  # noqa: E731
+    case_of = lambda w: (f"{cfg.n_global}x{cfg.global_size}+{cfg.n_local}x{cfg.local_size} 500x375 JPEG"  # noqa: E731
+                         f" B={args.batch_size} workers={w}")
     rows = []
     for workers in args.workers:
         makers = {
-            "dali_gpu": lambda: MultiCropLoader(pattern, args.batch_size, device="gpu", augment=cfg, num_threads=workers),
-            "dali_cpu": lambda: MultiCropLoader(pattern, args.batch_size, device="cpu", augment=cfg, num_threads=workers),
-            "torchvision": lambda: TorchvisionMultiCropLoader(pattern, args.batch_size, augment=cfg, num_threads=workers),
-            "torchvision_wds": lambda: stock_torchvision_wds(pattern, args.batch_size, workers, cfg),
+            "dali_gpu": lambda w=workers: MultiCropLoader(pattern, args.batch_size, device="gpu", augment=cfg,
+                                                          num_threads=w),
+            "dali_cpu": lambda w=workers: MultiCropLoader(pattern, args.batch_size, device="cpu", augment=cfg,
+                                                          num_threads=w),
+            "torchvision": lambda w=workers: TorchvisionMultiCropLoader(pattern, args.batch_size, augment=cfg,
+                                                                        num_threads=w),
+            "torchvision_wds": lambda w=workers: stock_torchvision_wds(pattern, args.batch_size, w, cfg),
         }
         samples = {impl: [] for impl in args.impls}
         for _ in range(args.rounds):  # round-robin, so that load from elsewhere hits every impl alike
@@ -186,9 +194,11 @@ def main() -> int:
     for ours in ("dali_gpu", "dali_cpu"):
         for row in rows:
             if row["impl"] == ours and row.get("images_per_s"):
-                base = [r for r in rows if r["case"] == row["case"] and r["impl"].startswith("torchvision") and r.get("images_per_s")]
+                base = [r for r in rows if r["case"] == row["case"] and r["impl"].startswith("torchvision")
+                        and r.get("images_per_s")]
                 if ours == "dali_gpu":
-                    base += [r for r in rows if r["case"] == row["case"] and r["impl"] == "dali_cpu" and r.get("images_per_s")]
+                    base += [r for r in rows if r["case"] == row["case"] and r["impl"] == "dali_cpu"
+                             and r.get("images_per_s")]
                 row["speedup_vs"] = {r["impl"]: round(row["images_per_s"] / r["images_per_s"], 3) for r in base}
     save("pipeline", [r for r in rows if r.get("images_per_s")], "cuda" if gpu else "cpu", metric="images_per_s",
          extra={"images": args.images, "batches": batches, "cpu_count": os.cpu_count(),

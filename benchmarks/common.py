@@ -87,7 +87,8 @@ def peak_mib(fn: Callable[[], object], device: str | torch.device) -> float | No
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure(case: str, impl: str, step: Callable[[], object], device: str | torch.device, warmup: int, rep: int) -> dict:
+def measure(case: str, impl: str, step: Callable[[], object], device: str | torch.device, warmup: int,
+            rep: int) -> dict:
     """One results row: the median ms of step() and its peak memory (CUDA), after one untimed call
     that compiles (Triton, inductor); a row with a note instead if step() raises."""
     row = {"case": case, "impl": impl}
@@ -117,9 +118,9 @@ def print_table(rows: list[dict]) -> None:
     keys = ["case", "impl"] + sorted({k for r in rows for k in r} - {"case", "impl", "speedup_vs", "note"})
     cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
     for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
     for r in rows:
         if r.get("note"):
             print(f"note [{r['case']} / {r['impl']}]: {r['note']}")
@@ -133,7 +134,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def save(bench: str, rows: list[dict], device: str | torch.device, metric: str = "ms", extra: dict | None = None) -> Path:
+def save(bench: str, rows: list[dict], device: str | torch.device, metric: str = "ms",
+         extra: dict | None = None) -> Path:
     """Print the table, write results/<device-slug>/<bench>.json and a PNG plot of `metric` beside it."""
     name = device_name(device)
     out_dir = RESULTS / device_slug(name)

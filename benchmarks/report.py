@@ -1,7 +1,7 @@
-"""Regenerate README.md's benchmark tables from benchmarks/results/*/*.json.
+"""Regenerate the benchmark tables in benchmarks/README.md from benchmarks/results/*/*.json.
 
-    python benchmarks/report.py          # rewrites the block between the README markers
-    python benchmarks/report.py --check  # exits 1 if README.md is out of date
+    python benchmarks/report.py          # rewrites the block between the markers in benchmarks/README.md
+    python benchmarks/report.py --check  # exits 1 if benchmarks/README.md is out of date
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "benchmarks" / "README.md"
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 METRICS = ("ms", "peak_mib", "tflops", "gbps", "images_per_s")
 
@@ -44,20 +45,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    name = README.relative_to(ROOT)
+    text = README.read_text()
     if START not in text or END not in text:
-        print(f"README.md lacks the markers {START} / {END}", file=sys.stderr)
+        print(f"{name} lacks the markers {START} / {END}", file=sys.stderr)
         return 1
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{START}\n{render(ROOT / 'benchmarks' / 'results')}\n{END}{tail}"
     if args.check:
         if new != text:
-            print("README.md benchmark tables are out of date: run python benchmarks/report.py", file=sys.stderr)
+            print(f"{name}: the benchmark tables are out of date: run python benchmarks/report.py", file=sys.stderr)
             return 1
         return 0
-    readme.write_text(new)
+    README.write_text(new)
     return 0
 
 

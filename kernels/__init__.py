@@ -3,6 +3,8 @@
 Importing this package pulls in torch (and triton where kernels exist), never DALI, timm or
 webdataset, so the losses can be dropped into any training loop.
 """
+from dinotron.kernels.backend import resolve_backend
+from dinotron.kernels.cross_entropy import DINOLoss, IBOTPatchLoss, dino_loss, ibot_patch_loss
 from dinotron.kernels.flash_attention import (
     attention,
     attention_varlen,
@@ -10,8 +12,6 @@ from dinotron.kernels.flash_attention import (
     packed_sequences,
     swap_timm_attention,
 )
-from dinotron.kernels.backend import resolve_backend
-from dinotron.kernels.cross_entropy import DINOLoss, IBOTPatchLoss, dino_loss, ibot_patch_loss
 from dinotron.kernels.koleo import KoLeoLoss, koleo_loss
 from dinotron.kernels.sinkhorn_knopp import sinkhorn_knopp_teacher
 from dinotron.kernels.softmax_center import softmax_center_and_update_teacher, softmax_center_teacher, update_center

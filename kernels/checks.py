@@ -63,7 +63,9 @@ def view_list(name: str, views) -> list[torch.Tensor]:
                     "every view needs the same batch size B and number of prototypes K"
                 )
             if v.dtype != views[0].dtype or v.device != views[0].device:
-                raise ValueError(f"{name}[{i}] is {v.dtype} on {v.device} but {name}[0] is {views[0].dtype} on {views[0].device}")
+                raise ValueError(
+                    f"{name}[{i}] is {v.dtype} on {v.device} but {name}[0] is {views[0].dtype} on {views[0].device}"
+                )
         out = list(views)
     check_nonempty(f"{name}[0]", out[0], 0)
     check_nonempty(f"{name}[0]", out[0], 1)
@@ -114,7 +116,8 @@ def check_ibot_loss_input(
     if student.ndim == 3:
         if student.shape[:2] != (B, N):
             raise ValueError(
-                f"dense {names[0]} must be (B, N, K) = ({B}, {N}, K) to match masks {tuple(masks.shape)}, got {tuple(student.shape)}"
+                f"dense {names[0]} must be (B, N, K) = ({B}, {N}, K) to match masks {tuple(masks.shape)}, "
+                f"got {tuple(student.shape)}"
             )
     else:
         M = int(flat.sum())
@@ -135,7 +138,9 @@ def check_qkv(q, k, v, layout: str) -> None:
         check_tensor(name, t, ndim=layout.count(",") + 1)
     check_same_device(q=q, k=k, v=v)
     if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one {layout} shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must share one {layout} shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
 
 
 def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int | None = None) -> list[int]:
@@ -151,7 +156,7 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int | None = None) ->
     offsets = cu_seqlens.tolist()
     if len(offsets) < 2 or offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0 and hold n_seqs + 1 >= 2 offsets, got {offsets[:8]}")
-    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    lengths = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
     if min(lengths) < 0:
         raise ValueError(f"cu_seqlens must be non-decreasing, got a step of {min(lengths)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < max(lengths):

@@ -65,7 +65,8 @@ def _row_setup(S_PTR, S_OFFSETS, s_row_stride, T_PTR, T_OFFSETS, t_row_stride, R
 def _tiles(s_rows, s_valid, t_rows, t_valid, t_lse, COL, k, k_mask, s_scale, logit_scale, col_scale,
            TEACHER_LOGITS: tl.constexpr, EXCLUDE_SAME_VIEW: tl.constexpr):
     """(V_PAD, BLOCK_K) tiles: student z = logits * s_scale (0 off the mask) and the paired targets P."""
-    z = tl.load(s_rows[:, None] + k[None, :], mask=s_valid[:, None] & k_mask[None, :], other=0.0).to(tl.float32) * s_scale
+    z = tl.load(s_rows[:, None] + k[None, :], mask=s_valid[:, None] & k_mask[None, :],
+                other=0.0).to(tl.float32) * s_scale
     t_mask = t_valid[:, None] & k_mask[None, :]
     p = tl.load(t_rows[:, None] + k[None, :], mask=t_mask, other=0.0).to(tl.float32)
     if TEACHER_LOGITS:
@@ -271,7 +272,8 @@ def fused_ibot_loss(student: torch.Tensor, targets: TeacherTargets, flat_masks: 
         return student.float().sum() * 0.0
     counts = flat_masks.sum(dim=1)
     weight = (1.0 / counts.clamp(min=1).float()).repeat_interleave(counts, output_size=M)
-    return DinoCrossEntropy.apply(targets, float(student_temp), 1.0 / flat_masks.shape[0], weight, False, True, student[None])
+    return DinoCrossEntropy.apply(targets, float(student_temp), 1.0 / flat_masks.shape[0], weight, False, True,
+                                  student[None])
 
 
 def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: float = 0.1, reduction: str = "mean", *,
@@ -285,7 +287,8 @@ def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: flo
     S*T - min(S, T) pairs (lightly), "sum" sums them (dinov2's DINOLoss). Returns a float32 scalar.
     check_finite=False skips the NaN/inf check of the loss (one device-to-host sync).
     """
-    student, teacher, n_pairs = check_dino_loss_input(student_logits_per_view, teacher_probs_per_view, student_temp, reduction)
+    student, teacher, n_pairs = check_dino_loss_input(student_logits_per_view, teacher_probs_per_view, student_temp,
+                                                      reduction)
     if resolve_backend(backend, student[0], teacher[0]) == "eager":
         loss = reference.dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp, reduction)
     else:
@@ -297,7 +300,8 @@ def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: flo
 
 
 def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Tensor, masks: torch.Tensor,
-                    student_temp: float = 0.1, *, backend: str | None = None, check_finite: bool = True) -> torch.Tensor:
+                    student_temp: float = 0.1, *, backend: str | None = None,
+                    check_finite: bool = True) -> torch.Tensor:
     """iBOT masked-patch cross-entropy with dinov2's per-image 1/n_masked weighting.
 
     masks: (B, N) or (B, H, W) bool, True where the student's patch was masked.
@@ -323,7 +327,8 @@ class _CenteredTeacher(nn.Module):
     """Teacher targets from teacher logits: DINO's softmax centring (centre EMA buffer `center`)
     or dinov2's Sinkhorn-Knopp; what DINOLoss and IBOTPatchLoss share."""
 
-    def __init__(self, center_shape, center_mode, center_momentum, centering, sinkhorn_iterations, backend, check_finite):
+    def __init__(self, center_shape, center_mode, center_momentum, centering, sinkhorn_iterations, backend,
+                 check_finite):
         super().__init__()
         if center_mode != "mean":
             raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are ['mean'].")
@@ -376,17 +381,20 @@ class DINOLoss(_CenteredTeacher):
                  warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
                  center_mode: str = "mean", *, centering: str = "softmax", sinkhorn_iterations: int = 3,
                  reduction: str = "mean", backend: str | None = None, check_finite: bool = True):
-        super().__init__((1, 1, output_dim), center_mode, center_momentum, centering, sinkhorn_iterations, backend, check_finite)
+        super().__init__((1, 1, output_dim), center_mode, center_momentum, centering, sinkhorn_iterations, backend,
+                         check_finite)
         self.teacher_temp, self.student_temp, self.reduction = teacher_temp, student_temp, reduction
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.teacher_temp_schedule = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
 
-    def forward(self, teacher_out, student_out, teacher_temp: float | None = None, epoch: int | None = None) -> torch.Tensor:
+    def forward(self, teacher_out, student_out, teacher_temp: float | None = None,
+                epoch: int | None = None) -> torch.Tensor:
         if teacher_temp is None:
             warming_up = epoch is not None and epoch < self.warmup_teacher_temp_epochs
             teacher_temp = float(self.teacher_temp_schedule[epoch]) if warming_up else self.teacher_temp
         names = ("student_out", "teacher_out")
-        student, teacher, n_pairs = check_dino_loss_input(student_out, teacher_out, self.student_temp, self.reduction, names)
+        student, teacher, n_pairs = check_dino_loss_input(student_out, teacher_out, self.student_temp, self.reduction,
+                                                          names)
         _check_no_teacher_grad(teacher, "teacher_out")
         eager = resolve_backend(self.backend, student[0], teacher[0], self.center) == "eager"
         with torch.no_grad():
@@ -394,7 +402,8 @@ class DINOLoss(_CenteredTeacher):
         if eager:
             loss = reference.dino_loss(student_out, targets, self.student_temp, self.reduction)
         else:
-            loss = fused_dino_loss(student_out, student, targets, n_pairs, self.student_temp, self.reduction, "teacher_out")
+            loss = fused_dino_loss(student_out, student, targets, n_pairs, self.student_temp, self.reduction,
+                                   "teacher_out")
         return self._finish("DINOLoss", loss, new_center)
 
 
@@ -411,7 +420,8 @@ class IBOTPatchLoss(_CenteredTeacher):
     def __init__(self, output_dim: int = 65536, teacher_temp: float = 0.04, student_temp: float = 0.1,
                  center_mode: str = "mean", center_momentum: float = 0.9, *, centering: str = "softmax",
                  sinkhorn_iterations: int = 3, backend: str | None = None, check_finite: bool = True):
-        super().__init__((1, output_dim), center_mode, center_momentum, centering, sinkhorn_iterations, backend, check_finite)
+        super().__init__((1, output_dim), center_mode, center_momentum, centering, sinkhorn_iterations, backend,
+                         check_finite)
         self.teacher_temp, self.student_temp = teacher_temp, student_temp
 
     def forward(self, teacher_out: torch.Tensor, student_out: torch.Tensor, mask: torch.Tensor,

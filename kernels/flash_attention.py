@@ -123,7 +123,7 @@ def _fwd_step(acc, m_i, l_i, q, K, V, s_in, start_n, length, qk_scale,
 
 
 @triton.jit
-def _fwd_tile(Q, K, V, O, LSE, s_in, s_out, start_m, length, qk_scale,
+def _fwd_tile(Q, K, V, OUT, LSE, s_in, s_out, start_m, length, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -138,7 +138,7 @@ def _fwd_tile(Q, K, V, O, LSE, s_in, s_out, start_m, length, qk_scale,
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, s_in, start_n, length, qk_scale, HEAD_DIM, TAIL_N, True)
     acc = acc / l_i[:, None]
     mask_m = offs_m < length
-    tl.store(O + offs_m[:, None] * s_out + offs_d[None, :], acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(OUT + offs_m[:, None] * s_out + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=mask_m[:, None])
     tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -158,7 +158,7 @@ def _dq_step(dq, q, do, lse2, delta, K, V, s_in, start_n, length, qk_scale,
 
 
 @triton.jit
-def _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, s_in, s_out, start_m, length, scale, qk_scale,
+def _dq_tile(Q, K, V, OUT, DO, DQ, LSE, DELTA, s_in, s_out, start_m, length, scale, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
     """dQ of one query tile; first delta = rowsum(dO * O), stored for the dK/dV kernel."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -166,7 +166,7 @@ def _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, s_in, s_out, start_m, length, scale
     mask_m = offs_m < length
     q = _load_rows(Q, offs_m, s_in, length, offs_d, True)
     do = _load_rows(DO, offs_m, s_out, length, offs_d, True)
-    o = _load_rows(O, offs_m, s_out, length, offs_d, True)
+    o = _load_rows(OUT, offs_m, s_out, length, offs_d, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + offs_m, delta, mask=mask_m)
     lse2 = _load_vec(LSE, offs_m, length, True)
@@ -209,9 +209,11 @@ def _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, s_in, s_out, start_n, length, sc
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     m_full = length // BLOCK_M * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, s_in, s_out, start_m, length, qk_scale, HEAD_DIM, BLOCK_M, False)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, s_in, s_out, start_m, length, qk_scale,
+                            HEAD_DIM, BLOCK_M, False)
     for start_m in range(m_full, length, TAIL_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, s_in, s_out, start_m, length, qk_scale, HEAD_DIM, TAIL_M, True)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, s_in, s_out, start_m, length, qk_scale,
+                            HEAD_DIM, TAIL_M, True)
     mask_n = (offs_n < length)[:, None]
     tl.store(DK + offs_n[:, None] * s_out + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=mask_n)
     tl.store(DV + offs_n[:, None] * s_out + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_n)
@@ -253,29 +255,29 @@ def _bwd_fits(bm: int, bn: int, warps: int) -> bool:
 _KEY = ["N", "HEAD_DIM", "IS_VARLEN"]  # the autotuner adds the tensors' dtypes
 
 
-# Kernel arguments: Q, K, V share one layout (strides s_in_*), O, dO, dQ, dK, dV another (s_out_*),
+# Kernel arguments: Q, K, V share one layout (strides s_in_*), OUT, dO, dQ, dK, dV another (s_out_*),
 # LSE and DELTA are fp32 per row (s_lse_*); *_b / *_h / *_n: sequence, head, token strides (elements).
 
 
 @triton.autotune(configs=_configs(_FWD_TILES, _fwd_fits), key=_KEY)
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, CU,
+def _attn_fwd(Q, K, V, OUT, LSE, CU,
               s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, N, qk_scale,
               HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
     t, length, in_off, out_off, lse_off = _program(CU, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n,
                                                    s_lse_b, s_lse_h, IS_VARLEN)
-    Q, K, V, O, LSE = Q + in_off, K + in_off, V + in_off, O + out_off, LSE + lse_off
+    Q, K, V, OUT, LSE = Q + in_off, K + in_off, V + in_off, OUT + out_off, LSE + lse_off
     start_m, big = _tile_start(t, length, BLOCK_M, TAIL_M)
     if big:
-        _fwd_tile(Q, K, V, O, LSE, s_in_n, s_out_n, start_m, length, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N)
+        _fwd_tile(Q, K, V, OUT, LSE, s_in_n, s_out_n, start_m, length, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N)
     elif start_m < length:
-        _fwd_tile(Q, K, V, O, LSE, s_in_n, s_out_n, start_m, length, qk_scale, HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
+        _fwd_tile(Q, K, V, OUT, LSE, s_in_n, s_out_n, start_m, length, qk_scale, HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
 
 
 @triton.autotune(configs=_configs(_BWD_TILES, _bwd_fits), key=_KEY + ["DKDV"])
 @triton.jit
-def _attn_bwd(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU,
+def _attn_bwd(Q, K, V, OUT, DO, DQ, DK, DV, LSE, DELTA, CU,
               s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, N, scale, qk_scale,
               HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, DKDV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
@@ -284,7 +286,7 @@ def _attn_bwd(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU,
     t, length, in_off, out_off, lse_off = _program(CU, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n,
                                                    s_lse_b, s_lse_h, IS_VARLEN)
     Q, K, V, LSE, DELTA = Q + in_off, K + in_off, V + in_off, LSE + lse_off, DELTA + lse_off
-    O, DO, DQ, DK, DV = O + out_off, DO + out_off, DQ + out_off, DK + out_off, DV + out_off
+    OUT, DO, DQ, DK, DV = OUT + out_off, DO + out_off, DQ + out_off, DK + out_off, DV + out_off
     if DKDV:
         start_n, big = _tile_start(t, length, BLOCK_N, TAIL_N)
         if big:
@@ -296,10 +298,10 @@ def _attn_bwd(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU,
     else:
         start_m, big = _tile_start(t, length, BLOCK_M, TAIL_M)
         if big:
-            _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, s_in_n, s_out_n, start_m, length, scale, qk_scale,
+            _dq_tile(Q, K, V, OUT, DO, DQ, LSE, DELTA, s_in_n, s_out_n, start_m, length, scale, qk_scale,
                      HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N)
         elif start_m < length:
-            _dq_tile(Q, K, V, O, DO, DQ, LSE, DELTA, s_in_n, s_out_n, start_m, length, scale, qk_scale,
+            _dq_tile(Q, K, V, OUT, DO, DQ, LSE, DELTA, s_in_n, s_out_n, start_m, length, scale, qk_scale,
                      HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
 
 
@@ -457,7 +459,8 @@ def _default_scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              backend: str | None = None) -> torch.Tensor:
     """softmax(q @ k^T * scale) @ v over each (batch, head), memory-efficient.
 
     q, k, v: (B, H, N, D), any strides with contiguous D. scale defaults to D ** -0.5.
@@ -473,7 +476,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return AttentionFunction.apply(q, k, v, None, q.shape[2], scale)
 
 
-def _packed_attention(q, k, v, packing: PackedSequences, scale: float, backend: str | None, strict: bool) -> torch.Tensor:
+def _packed_attention(q, k, v, packing: PackedSequences, scale: float, backend: str | None,
+                      strict: bool) -> torch.Tensor:
     q, k, v = _autocast(q, k, v)
     if not use_kernel(backend, q, k, v, strict):
         return reference.attention_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale)
@@ -626,7 +630,8 @@ def _timm_attention_forward(self, x, attn_mask, is_causal, backend) -> torch.Ten
     else:
         if B != 1 or N != packing.total:
             raise ValueError(
-                f"inside packed_sequences a swapped Attention expects x of shape (1, {packing.total}, C), got {tuple(x.shape)}"
+                f"inside packed_sequences a swapped Attention expects x of shape (1, {packing.total}, C), "
+                f"got {tuple(x.shape)}"
             )
         q, k, v = qkv.reshape(N, 3, H, D).unbind(1)
         out = _packed_attention(self.q_norm(q), self.k_norm(k), v, packing, scale, backend, strict=False)

@@ -93,7 +93,8 @@ def _finish_rows(K, nn_idx, NN, NORM_Q, NORM_NN, LOSS, m, m_mask, q_rows, D, str
     den_n = tl.maximum(norm_n, eps)
     total = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        _, _, _, _, _, powered = _pair_slice(K, q_rows, nn_rows, m_mask, k0, D, stride, den_q, den_n, eps, p, BLOCK_K, P_IS_2)
+        _, _, _, _, _, powered = _pair_slice(K, q_rows, nn_rows, m_mask, k0, D, stride, den_q, den_n, eps, p,
+                                             BLOCK_K, P_IS_2)
         total += tl.sum(powered, axis=1)
     distance = _root(total, p, P_IS_2)
     tl.store(NN + m, nn_idx, mask=m_mask)
@@ -129,7 +130,8 @@ def _koleo_search_kernel(
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < D
             q = tl.load(K + q_rows[:, None] * stride + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            kt = tl.load(K + n.to(tl.int64)[None, :] * stride + ks[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            kt = tl.load(K + n.to(tl.int64)[None, :] * stride + ks[:, None], mask=k_mask[:, None] & n_mask[None, :],
+                         other=0.0)
             kt32 = kt.to(tl.float32)
             key_sq += tl.sum(kt32 * kt32, axis=0)
             if UPCAST:  # the interpreter multiplies bf16 bit patterns in tl.dot (triton#11584)
@@ -144,7 +146,8 @@ def _koleo_search_kernel(
         best_idx = tl.where(better, n0 + block_arg, best_idx)
 
     if not MERGE:
-        _finish_rows(K, best_idx, NN, NORM_Q, NORM_NN, LOSS, m, m_mask, q_rows, D, stride, eps, p, BLOCK_M, BLOCK_K, P_IS_2)
+        _finish_rows(K, best_idx, NN, NORM_Q, NORM_NN, LOSS, m, m_mask, q_rows, D, stride, eps, p, BLOCK_M, BLOCK_K,
+                     P_IS_2)
     else:
         # (similarity, index) as one int64 whose signed order is: larger similarity, then smaller index
         bits = best.to(tl.int32, bitcast=True)
@@ -185,7 +188,8 @@ def _koleo_bwd_kernel(
     q_dot_s = tl.zeros((BLOCK_M,), tl.float32)
     n_dot_s = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        _, _, xq, xn, s, powered = _pair_slice(K, q_rows, nn_rows, m_mask, k0, D, stride, den_q, den_n, eps, p, BLOCK_K, P_IS_2)
+        _, _, xq, xn, s, powered = _pair_slice(K, q_rows, nn_rows, m_mask, k0, D, stride, den_q, den_n, eps, p,
+                                               BLOCK_K, P_IS_2)
         total += tl.sum(powered, axis=1)
         q_dot_s += tl.sum(xq * s, axis=1)
         n_dot_s += tl.sum(xn * s, axis=1)
@@ -200,7 +204,8 @@ def _koleo_bwd_kernel(
     proj_q = tl.where(norm_q >= eps, c * q_dot_s, 0.0)
     proj_n = tl.where(norm_n >= eps, c * n_dot_s, 0.0)
     for k0 in range(0, D, BLOCK_K):
-        ks, mask, xq, xn, s, _ = _pair_slice(K, q_rows, nn_rows, m_mask, k0, D, stride, den_q, den_n, eps, p, BLOCK_K, P_IS_2)
+        ks, mask, xq, xn, s, _ = _pair_slice(K, q_rows, nn_rows, m_mask, k0, D, stride, den_q, den_n, eps, p,
+                                             BLOCK_K, P_IS_2)
         g = c[:, None] * s
         dq = (g - xq * proj_q[:, None]) / den_q[:, None]
         dn = (xn * proj_n[:, None] - g) / den_n[:, None]

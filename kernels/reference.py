@@ -31,7 +31,9 @@ def _distributed() -> bool:
 def _center_vector(center: torch.Tensor, K: int) -> torch.Tensor:
     check_tensor("center", center)
     if center.numel() != K:
-        raise ValueError(f"center has {center.numel()} elements (shape {tuple(center.shape)}) but the logits have K={K}")
+        raise ValueError(
+            f"center has {center.numel()} elements (shape {tuple(center.shape)}) but the logits have K={K}"
+        )
     return center.float().reshape(K)
 
 
@@ -139,7 +141,8 @@ def dinov2_sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_i
     return Q.t()
 
 
-def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: float = 0.1, reduction: str = "mean") -> torch.Tensor:
+def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: float = 0.1,
+              reduction: str = "mean") -> torch.Tensor:
     """DINO cross-entropy over all (student view, teacher view) pairs except a view with itself.
 
     student_logits_per_view: S views of (B, K) logits, a list or an (S, B, K) tensor; the first
@@ -149,7 +152,8 @@ def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: flo
     reduction="mean": average over the S*T - min(S, T) pairs (lightly's DINOLoss, and what dinov2's
     meta-arch reports); "sum": sum over pairs (dinov2's DINOLoss.forward). Returns a float32 scalar.
     """
-    student, teacher, n_pairs = check_dino_loss_input(student_logits_per_view, teacher_probs_per_view, student_temp, reduction)
+    student, teacher, n_pairs = check_dino_loss_input(student_logits_per_view, teacher_probs_per_view, student_temp,
+                                                      reduction)
     student, teacher = torch.stack(student), torch.stack(teacher)
     T, S, B = teacher.shape[0], student.shape[0], student.shape[1]
     log_p = F.log_softmax(student.float() / student_temp, dim=-1)
@@ -272,7 +276,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 
 def attention_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Block-diagonal attention over packed sequences: `attention` within each sequence.
 
@@ -283,10 +288,12 @@ def attention_varlen(
     check_qkv(q, k, v, "(total_tokens, H, D)")
     offsets = check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens=q.shape[0])
     outs = []
-    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
-    for length, run in itertools.groupby(zip(offsets, lengths), key=lambda pair: pair[1]):
-        start, count = next(run)[0], 1 + sum(1 for _ in run)
+    lengths = [end - start for start, end in zip(offsets, offsets[1:], strict=False)]
+    for length, run in itertools.groupby(zip(offsets, lengths, strict=False), key=lambda pair: pair[1]):
+        run = list(run)
+        start, count = run[0][0], len(run)
         if length > 0:  # a run of `count` sequences of one length is a (count, length, H, D) view
-            q_b, k_b, v_b = (t[start:start + count * length].unflatten(0, (count, length)).transpose(1, 2) for t in (q, k, v))
+            q_b, k_b, v_b = (t[start:start + count * length].unflatten(0, (count, length)).transpose(1, 2)
+                             for t in (q, k, v))
             outs.append(attention(q_b, k_b, v_b, scale).transpose(1, 2).flatten(0, 1))
     return torch.cat(outs) if outs else torch.zeros_like(q)

@@ -93,7 +93,8 @@ def sinkhorn_knopp_teacher(
     if resolve_backend(backend, teacher_logits) == "eager":
         probs = finite = reference.sinkhorn_knopp_teacher(teacher_logits, teacher_temp, n_iterations)
     else:
-        targets, probs = sinkhorn_knopp_targets(rows_table(teacher_logits), teacher_temp, n_iterations, write_probs=True)
+        targets, probs = sinkhorn_knopp_targets(rows_table(teacher_logits), teacher_temp, n_iterations,
+                                                write_probs=True)
         finite = targets.row_lse
     if check_finite:
         check_finite_result("sinkhorn_knopp_teacher", "teacher_logits", finite)

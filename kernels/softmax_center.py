@@ -84,7 +84,8 @@ def _center_ema_kernel(
     for p0 in range(0, n_partial, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < n_partial)[:, None] & k_mask[None, :]
-        total += tl.sum(tl.load(PARTIAL + p.to(tl.int64)[:, None] * partial_stride + k[None, :], mask=mask, other=0.0).to(tl.float32), axis=0)
+        total += tl.sum(tl.load(PARTIAL + p.to(tl.int64)[:, None] * partial_stride + k[None, :], mask=mask,
+                                other=0.0).to(tl.float32), axis=0)
     center = tl.load(CENTER + k, mask=k_mask, other=0.0).to(tl.float32)
     new = momentum * center + (1.0 - momentum) * inv_count * total
     tl.store(OUT + k, new.to(OUT.dtype.element_ty), mask=k_mask)
@@ -139,7 +140,8 @@ def softmax_center_targets(
     """Lazy softmax-centred targets of the teacher logits (one pass over them), and the updated centre."""
     col = center.reshape(-1).clone(memory_format=torch.contiguous_format)  # the targets outlive in-place centre updates
     lse, _, colsum = row_lse(teacher, 1.0 / teacher_temp, col, -1.0 / teacher_temp, with_colsum=True)
-    targets = TeacherTargets(teacher, row_lse=lse, col=col, col_scale=-1.0 / teacher_temp, logit_scale=1.0 / teacher_temp)
+    targets = TeacherTargets(teacher, row_lse=lse, col=col, col_scale=-1.0 / teacher_temp,
+                             logit_scale=1.0 / teacher_temp)
     return targets, center_ema(center, colsum, lse.shape[0], momentum)
 
 
@@ -172,7 +174,8 @@ def _softmax_center(name, teacher_logits, center, teacher_temp, momentum, backen
     else:
         col = center.reshape(-1).contiguous()
         lse, probs, colsum = row_lse(
-            rows_table(teacher_logits), 1.0 / teacher_temp, col, -1.0 / teacher_temp, write_probs=True, with_colsum=momentum is not None
+            rows_table(teacher_logits), 1.0 / teacher_temp, col, -1.0 / teacher_temp, write_probs=True,
+            with_colsum=momentum is not None,
         )
         new = None if momentum is None else center_ema(center, colsum, lse.shape[0], momentum)
         probs, finite = probs.reshape(teacher_logits.shape), [lse]
@@ -192,7 +195,8 @@ def softmax_center_teacher(
     e.g. (1, K). Returns float32 probabilities shaped like teacher_logits. check_finite=False skips
     the NaN/inf check of the result (one device-to-host sync).
     """
-    return _softmax_center("softmax_center_teacher", teacher_logits, center, teacher_temp, None, backend, check_finite)[0]
+    return _softmax_center("softmax_center_teacher", teacher_logits, center, teacher_temp, None, backend,
+                           check_finite)[0]
 
 
 @torch.no_grad()
@@ -206,7 +210,8 @@ def softmax_center_and_update_teacher(
     the new centre, shaped and typed like `center`). The probabilities use the old centre, as
     dinov2's softmax_center_teacher followed by update_center (all-reduced over ranks likewise).
     """
-    return _softmax_center("softmax_center_and_update_teacher", teacher_logits, center, teacher_temp, momentum, backend, check_finite)
+    return _softmax_center("softmax_center_and_update_teacher", teacher_logits, center, teacher_temp, momentum,
+                           backend, check_finite)
 
 
 @torch.no_grad()

@@ -1,13 +1,21 @@
 """dinotron.pipeline: WebDataset shards, the DALI multi-crop graph and the torchvision baseline loader.
 
-DALI itself is imported only when a DALI loader is built.
+DALI itself is imported only when a DALI loader is built; where it is missing, building one raises
+DaliNotInstalledError unless allow_fallback=True. Every loader's `backend` says what runs.
 """
 from dinotron.pipeline.augment import MultiCropConfig
-from dinotron.pipeline.dali_loader import EvalLoader, MultiCropLoader, build_eval_pipeline, build_multicrop_pipeline
+from dinotron.pipeline.dali_loader import (
+    DaliNotInstalledError,
+    EvalLoader,
+    MultiCropLoader,
+    build_eval_pipeline,
+    build_multicrop_pipeline,
+)
 from dinotron.pipeline.shards import ShardError, check_shards, expand_shards, write_index, write_shards
 from dinotron.pipeline.torchvision_loader import TorchvisionEvalLoader, TorchvisionMultiCropLoader
 
 __all__ = [
+    "DaliNotInstalledError",
     "EvalLoader",
     "MultiCropConfig",
     "MultiCropLoader",

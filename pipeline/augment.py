@@ -57,7 +57,8 @@ class MultiCropConfig:
                 raise ValueError(f"MultiCropConfig.{name} must satisfy 0 < low <= high <= {top}, got ({lo}, {hi})")
 
         if self.n_global < 1 or self.n_local < 0:
-            raise ValueError(f"MultiCropConfig needs n_global >= 1 and n_local >= 0, got {self.n_global}, {self.n_local}")
+            raise ValueError(f"MultiCropConfig needs n_global >= 1 and n_local >= 0, got {self.n_global}, "
+                             f"{self.n_local}")
         for name in ("global_size", "local_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MultiCropConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -65,7 +66,8 @@ class MultiCropConfig:
         scale_range("local_scale", *self.local_scale)
         scale_range("ratio", *self.ratio, top=math.inf)
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"MultiCropConfig.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+            raise ValueError(f"MultiCropConfig.interpolation must be one of {INTERPOLATIONS}, "
+                             f"got {self.interpolation!r}")
         for name in ("flip_p", "color_jitter_p", "grayscale_p", "global_blur_p", "local_blur_p", "global_solarize_p"):
             prob(name, getattr(self, name))
         b, c, s, h = self.color_jitter
@@ -182,7 +184,8 @@ def sample_params(cfg: MultiCropConfig, seed: int, epoch: int, sample_ids, heigh
     scale_hi = np.where(is_global, cfg.global_scale[1], cfg.local_scale[1])
     out = np.zeros((len(h), cfg.n_views, N_PARAMS), np.float32)
     out[..., P_Y0:P_X1 + 1] = _random_resized_crops(keys, h, w, scale_lo, scale_hi, cfg.ratio)
-    r = _unit(keys[:, None, None], (views * _SLOTS_PER_VIEW + 4 * _TRIALS)[None, :, None] + np.arange(10)[None, None, :])
+    slots = (views * _SLOTS_PER_VIEW + 4 * _TRIALS)[None, :, None] + np.arange(10)[None, None, :]
+    r = _unit(keys[:, None, None], slots)
     jb, jc, js, jh = cfg.color_jitter
     jitter = r[..., 1] < cfg.color_jitter_p
 

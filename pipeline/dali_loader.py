@@ -5,10 +5,15 @@ One builder per graph, with a device switch: "gpu" decodes with nvJPEG / the har
 The encoded bytes and every random number come in through external sources (see loader.py and
 augment.py), so the order, the sharding across ranks and the augmentations are the same as the
 torchvision loaders' and resume exactly.
+
+Backends are explicit: where DALI does not import, constructing MultiCropLoader or EvalLoader raises
+DaliNotInstalledError, unless allow_fallback=True asks for the torchvision loader in its place (logged
+once per process). Every loader records what runs in `backend` ("dali-gpu", "dali-cpu", "torchvision")
+and, for a fallback, why in `fallback_reason`.
 """
 from __future__ import annotations
 
-import warnings
+import logging
 from collections import deque
 
 import numpy as np
@@ -19,6 +24,13 @@ from dinotron.pipeline.augment import MultiCropConfig
 from dinotron.pipeline.loader import MultiCropSource, ShardLoader, resolve_dtype
 from dinotron.pipeline.shards import ShardError, check_decodes, decoded_size
 from dinotron.pipeline.torchvision_loader import TorchvisionEvalLoader, TorchvisionMultiCropLoader
+
+log = logging.getLogger(__name__)
+_fallback_logged = False  # the allow_fallback warning goes out once per process; each loader keeps fallback_reason
+
+
+class DaliNotInstalledError(ImportError):
+    """A DALI loader was constructed where NVIDIA DALI does not import (and allow_fallback was not given)."""
 
 
 def dali_available() -> bool:
@@ -85,7 +97,8 @@ def color_jitter(images, brightness, contrast, saturation, hue, device: str):
 def _normalize(images, mean, std, dtype: torch.dtype, **crop):
     from nvidia.dali import fn, types
 
-    return fn.crop_mirror_normalize(images, mean=[255 * m for m in mean], std=[255 * s for s in std], output_layout="CHW",
+    return fn.crop_mirror_normalize(images, mean=[255 * m for m in mean], std=[255 * s for s in std],
+                                    output_layout="CHW",
                                     dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT, **crop)
 
 
@@ -169,16 +182,30 @@ class _DaliBase(ShardLoader):
 
     _fallback: type
 
-    def __new__(cls, *args, **kwargs):
-        if not dali_available():
-            warnings.warn(f"NVIDIA DALI is not installed: {cls.__name__} falls back to {cls._fallback.__name__} "
-                          "(CPU workers; pip install nvidia-dali-cuda130 for the DALI pipeline)")
-            return cls._fallback(*args, **kwargs)
-        return super().__new__(cls)
+    def __new__(cls, *args, allow_fallback: bool = False, **kwargs):
+        if dali_available():
+            return super().__new__(cls)
+        fallback = cls._fallback.__name__
+        if not allow_fallback:
+            raise DaliNotInstalledError(
+                f"{cls.__name__} needs NVIDIA DALI, which is not installed: pip install nvidia-dali-cuda130, or use "
+                f"{fallback} (the same batches from CPU workers), or pass allow_fallback=True to get {fallback} "
+                f"in place of {cls.__name__}")
+        reason = f"NVIDIA DALI is not installed: {cls.__name__}(allow_fallback=True) runs as {fallback}"
+        global _fallback_logged
+        if not _fallback_logged:
+            _fallback_logged = True
+            log.warning("%s (CPU workers; pip install nvidia-dali-cuda130 for the DALI pipeline). Logged once per "
+                        "process; every such loader records it in .fallback_reason", reason)
+        loader = cls._fallback(*args, **kwargs)
+        loader.fallback_reason = reason
+        return loader
 
-    def __init__(self, shards, batch_size, *, device, device_id, num_threads, prefetch, dtype, hw_decoder_load, **kwargs):
+    def __init__(self, shards, batch_size, *, device, device_id, num_threads, prefetch, dtype, hw_decoder_load,
+                 **kwargs):
         super().__init__(shards, batch_size, **kwargs)
         self.device = resolve_device(device)
+        self.backend = f"dali-{self.device}"
         self.device_id = device_id
         if num_threads < 1 or prefetch < 1:
             raise ValueError(f"num_threads and prefetch must be >= 1, got {num_threads}, {prefetch}")
@@ -245,7 +272,8 @@ class _DaliBase(ShardLoader):
         return RuntimeError(f"DALI failed on a batch of samples {keys}{' ...' if len(ids) > 8 else ''}: {error}")
 
     def _to_torch(self, outputs, n: int, size: int, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Concatenate DALI outputs (each a batch of (3, size, size)) into one (sum of batches, 3, size, size) tensor."""
+        """Concatenate DALI outputs (each a batch of (3, size, size)) into one (sum of batches, 3, size, size)
+        tensor."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         dev = torch.device("cuda", self._pipe.device_id) if self.device == "gpu" else torch.device("cpu")
@@ -269,7 +297,9 @@ class MultiCropLoader(_DaliBase):
     view-major (rows [v*B, (v+1)*B) hold view v of every image), normalised, of `dtype` (fp32 default; fp16/bf16
     on the GPU), on the GPU for device "gpu" and on the CPU for "cpu". "auto" = the GPU when torch sees CUDA.
     shard_id/num_shards default to torch.distributed's rank/world size. len() = batches per epoch on this rank.
-    Where DALI is not installed, constructing one returns a TorchvisionMultiCropLoader (with a warning).
+    `backend` is "dali-gpu" or "dali-cpu". Where DALI is not installed, constructing one raises
+    DaliNotInstalledError; with allow_fallback=True it returns a TorchvisionMultiCropLoader instead (backend
+    "torchvision", `fallback_reason` set; a warning logged once per process).
     """
 
     _fallback = TorchvisionMultiCropLoader
@@ -277,7 +307,8 @@ class MultiCropLoader(_DaliBase):
     def __init__(self, shards, batch_size: int, *, device: str = "auto", augment: MultiCropConfig | None = None,
                  seed: int = 0, shard_id: int | None = None, num_shards: int | None = None, num_threads: int = 4,
                  drop_last: bool = True, shuffle: bool = True, dtype=torch.float32, device_id: int | None = None,
-                 prefetch: int = 2, hw_decoder_load: float = 0.65):
+                 prefetch: int = 2, hw_decoder_load: float = 0.65, allow_fallback: bool = False):
+        # allow_fallback is read by __new__ (where DALI is missing); here DALI is present and it changes nothing.
         super().__init__(shards, batch_size, device=device, device_id=device_id, num_threads=num_threads,
                          prefetch=prefetch, dtype=dtype, hw_decoder_load=hw_decoder_load, seed=seed, shard_id=shard_id,
                          num_shards=num_shards, shuffle=shuffle, drop_last=drop_last)
@@ -314,7 +345,8 @@ class EvalLoader(_DaliBase):
     Deterministic and unshuffled; rank r of R reads the r-th contiguous block of the samples, so every sample is
     seen exactly once across ranks (no padding; the last batch may be short). Batches are
     {"images": (B, 3, S, S) of `dtype`, "labels": (B,) int64 or None}; DALI with the device switch of
-    MultiCropLoader, the torchvision loader where DALI is not installed.
+    MultiCropLoader. Where DALI is not installed: DaliNotInstalledError, or with allow_fallback=True a
+    TorchvisionEvalLoader (backend "torchvision", `fallback_reason` set), as for MultiCropLoader.
     """
 
     _fallback = TorchvisionEvalLoader
@@ -322,7 +354,9 @@ class EvalLoader(_DaliBase):
     def __init__(self, shards, batch_size: int, *, image_size: int = 224, resize_size: int = 256, device: str = "auto",
                  shard_id: int | None = None, num_shards: int | None = None, num_threads: int = 4,
                  mean=MultiCropConfig.mean, std=MultiCropConfig.std, interpolation: str = "bicubic",
-                 dtype=torch.float32, device_id: int | None = None, prefetch: int = 2, hw_decoder_load: float = 0.65):
+                 dtype=torch.float32, device_id: int | None = None, prefetch: int = 2, hw_decoder_load: float = 0.65,
+                 allow_fallback: bool = False):
+        # allow_fallback: see MultiCropLoader.__init__.
         super().__init__(shards, batch_size, device=device, device_id=device_id, num_threads=num_threads,
                          prefetch=prefetch, dtype=dtype, hw_decoder_load=hw_decoder_load, shard_id=shard_id,
                          num_shards=num_shards, shuffle=False, drop_last=False)
@@ -332,13 +366,14 @@ class EvalLoader(_DaliBase):
         self.interpolation = interpolation
 
     def _build(self):
-        return build_eval_pipeline(self.batch_size, image_size=self.image_size, mean=self.mean, std=self.std, interpolation=self.interpolation, device=self.device,
-                                   device_id=self.device_id, num_threads=self.num_threads, prefetch=self.prefetch,
-                                   dtype=self.dtype, hw_decoder_load=self.hw_decoder_load)
+        return build_eval_pipeline(self.batch_size, image_size=self.image_size, mean=self.mean, std=self.std,
+                                   interpolation=self.interpolation, device=self.device, device_id=self.device_id,
+                                   num_threads=self.num_threads, prefetch=self.prefetch, dtype=self.dtype,
+                                   hw_decoder_load=self.hw_decoder_load)
 
     def _inputs(self, epoch: int, ids) -> dict:
         data = [self.reader.image(int(i)) for i in ids]
-        sizes = [decoded_size(d, self.table.where(int(i))) for i, d in zip(ids, data)]
+        sizes = [decoded_size(d, self.table.where(int(i))) for i, d in zip(ids, data, strict=True)]
         boxes = [np.array(center_crop_box(h, w, self.resize_size, self.image_size), np.float32) for h, w in sizes]
         return {"encoded": data, "roi": boxes}
 

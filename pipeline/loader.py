@@ -7,14 +7,16 @@ all ranks run the same number of steps; without it every sample is seen exactly 
 """
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 
 import numpy as np
 import torch
 
 from dinotron.pipeline.augment import MultiCropConfig, sample_params
 from dinotron.pipeline.shards import SampleReader, SampleTable, decoded_size
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,8 +44,13 @@ def resolve_dtype(dtype) -> torch.dtype:
 class ShardLoader:
     """Base of every loader: the sample table, the per-epoch order of this rank and the resume position.
 
-    Subclasses implement `_batches(epoch, start)`, yielding the batches of `epoch` from batch `start`.
+    Subclasses implement `_batches(epoch, start)`, yielding the batches of `epoch` from batch `start`, and set
+    `backend`, what produces the batches: "dali-gpu", "dali-cpu" or "torchvision". `fallback_reason` is None,
+    or why a torchvision loader runs where a DALI one was asked for (allow_fallback=True without DALI).
     """
+
+    backend: str
+    fallback_reason: str | None = None
 
     def __init__(self, shards, batch_size: int, *, seed: int = 0, shard_id: int | None = None,
                  num_shards: int | None = None, shuffle: bool = True, drop_last: bool = True):
@@ -58,8 +65,8 @@ class ShardLoader:
         self.epoch, self.position = 0, 0
         self._order_cache: tuple[int, np.ndarray] | None = None
         if len(self) == 0:
-            raise ValueError(f"{len(self.table)} samples over {self.num_shards} ranks make no full batch of {batch_size} "
-                             f"(drop_last={drop_last}): use fewer ranks, a smaller batch or more data")
+            raise ValueError(f"{len(self.table)} samples over {self.num_shards} ranks make no full batch of "
+                             f"{batch_size} (drop_last={drop_last}): use fewer ranks, a smaller batch or more data")
 
     def num_samples(self) -> int:
         """Samples this rank visits per epoch (those in batches)."""
@@ -105,13 +112,14 @@ class ShardLoader:
         if state.get("num_samples", len(self.table)) != len(self.table):
             raise ValueError(f"loader state is for {state['num_samples']} samples, these shards hold {len(self.table)}")
         epoch, position = int(state["epoch"]), int(state["position"])
-        same = state.get("batch_size", self.batch_size) == self.batch_size and state.get("num_shards", self.num_shards) == self.num_shards
+        same = (state.get("batch_size", self.batch_size) == self.batch_size
+                and state.get("num_shards", self.num_shards) == self.num_shards)
         if not same:
             seen = position * state["batch_size"] * state["num_shards"]
             position = seen // (self.batch_size * self.num_shards)
-            warnings.warn(f"resuming with batch size {self.batch_size} x {self.num_shards} ranks instead of "
-                          f"{state['batch_size']} x {state['num_shards']}: continuing at batch {position} of epoch "
-                          f"{epoch} (samples of the interrupted epoch may repeat or be skipped)")
+            log.warning("resuming with batch size %d x %d ranks instead of %d x %d: continuing at batch %d of epoch "
+                        "%d (samples of the interrupted epoch may repeat or be skipped)", self.batch_size,
+                        self.num_shards, state["batch_size"], state["num_shards"], position, epoch)
         self.seed = int(state.get("seed", self.seed))
         self._order_cache = None
         self.epoch, self.position = epoch, min(position, len(self))
@@ -143,4 +151,4 @@ class MultiCropSource:
         return sample_params(self.augment, self.seed, epoch, ids, hw[:, 0], hw[:, 1])
 
     def sizes(self, ids, data: list[bytes]) -> list[tuple[int, int]]:
-        return [decoded_size(d, self.reader.table.where(int(i))) for i, d in zip(ids, data)]
+        return [decoded_size(d, self.reader.table.where(int(i))) for i, d in zip(ids, data, strict=True)]

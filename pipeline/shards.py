@@ -61,7 +61,8 @@ def expand_shards(shards) -> list[str]:
             else:
                 paths.append(path)
     if not paths:
-        raise ValueError("the shard list is empty: give shard paths or brace patterns like 'train-{000000..000099}.tar'")
+        raise ValueError("the shard list is empty: give shard paths or brace patterns like "
+                         "'train-{000000..000099}.tar'")
     for path in paths:
         if "://" in path or path.startswith("pipe:"):
             raise ValueError(f"shard {path!r}: only local (or mounted) files are supported, not URLs")
@@ -116,7 +117,8 @@ def write_index(shard: str, samples=None) -> str:
     for components in samples:
         for c in components:
             if any(ch.isspace() for ch in c[3]):
-                raise ShardError(f"{shard}: member {c[3]!r} has whitespace in its name; DALI index files cannot hold it")
+                raise ShardError(f"{shard}: member {c[3]!r} has whitespace in its name; DALI index files cannot "
+                                 "hold it")
         lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in components))
     path = index_path(shard)
     tmp = path + f".tmp{os.getpid()}"
@@ -195,8 +197,8 @@ class SampleTable:
                 key = split_name(comps[0][3])[0]
                 image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
                 if image is None:
-                    raise ShardError(f"shard {path}, sample {key!r}: no image component (one of .{', .'.join(IMAGE_EXTS)})"
-                                     f"; has {sorted(by_ext)}")
+                    raise ShardError(f"shard {path}, sample {key!r}: no image component "
+                                     f"(one of .{', .'.join(IMAGE_EXTS)}); has {sorted(by_ext)}")
                 label = by_ext.get(LABEL_EXT, (-1, 0))
                 shard.append(s)
                 keys.append(key)
@@ -289,7 +291,8 @@ def image_size(data) -> tuple[int, int] | None:
 
 
 def decoded_size(data, where: str) -> tuple[int, int]:
-    """(height, width) of an encoded image (JPEG header fast path, else PIL); ShardError naming `where` if unreadable."""
+    """(height, width) of an encoded image (JPEG header fast path, else PIL); ShardError naming `where` if
+    unreadable."""
     size = image_size(data)
     if size is not None:
         return size
@@ -336,7 +339,8 @@ def _list_source(src: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
 
     flat = images(src)
     classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-    per_class = {c: sorted(p for p in (src / c).rglob("*") if p.is_file() and p.suffix.lower() in SOURCE_EXTS) for c in classes}
+    per_class = {c: sorted(p for p in (src / c).rglob("*") if p.is_file() and p.suffix.lower() in SOURCE_EXTS)
+                 for c in classes}
     classes = [c for c in classes if per_class[c]]
     if classes and flat:
         raise ValueError(f"{src} mixes images at the top level ({flat[0].name}, ...) with class sub-folders "
@@ -417,7 +421,8 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shu
 
     workers = (os.cpu_count() or 1) if workers is None else workers
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(files) > 64 else None
-    loaded = pool.map(_load_for_shard, [p for p, _ in files], chunksize=16) if pool else map(_load_for_shard, (p for p, _ in files))
+    paths = [p for p, _ in files]
+    loaded = pool.map(_load_for_shard, paths, chunksize=16) if pool else map(_load_for_shard, paths)
     for stale in out.glob(f"{prefix}-*"):
         if re.fullmatch(re.escape(prefix) + r"-\d{6}\.(tar|idx)", stale.name):
             stale.unlink()
@@ -426,7 +431,7 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shu
     tar, count = None, 0
     bar = tqdm(total=len(files), desc=f"make-shards {prefix}", unit="img", disable=not progress)
     try:
-        for (path, label), (data, reason) in zip(files, loaded):
+        for (path, label), (data, reason) in zip(files, loaded, strict=True):
             bar.update()
             if data is None:
                 skipped.append({"path": str(path.relative_to(src)), "reason": reason})
@@ -542,5 +547,6 @@ def check_shards(pattern, *, decode: bool = True, write_missing_index: bool = Tr
             except (ShardError, OSError) as e:
                 report["bad"].append({"shard": shard, "key": None, "problem": f"cannot write index: {e}"})
     if report["labelled"]:
-        report["bad"] += [{"shard": s, "key": k, "problem": "no .cls label while other samples have one"} for s, k in unlabelled]
+        report["bad"] += [{"shard": s, "key": k, "problem": "no .cls label while other samples have one"}
+                          for s, k in unlabelled]
     return report

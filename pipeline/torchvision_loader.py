@@ -1,4 +1,4 @@
-"""The torchvision.transforms.v2 loaders: the benchmark baseline, and the fallback where DALI is missing.
+"""The torchvision.transforms.v2 loaders: the benchmark baseline, and what allow_fallback=True gives without DALI.
 
 Same shards, order, augmentation parameters and output as the DALI loaders; decoding and
 augmentation run in `num_threads` DataLoader worker processes, one whole batch per task.
@@ -23,7 +23,8 @@ _INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.
 
 
 def decode(data: np.ndarray, where: str) -> torch.Tensor:
-    """Encoded image (uint8 array) -> (3, H, W) uint8 RGB (PIL / libjpeg-turbo); ShardError naming `where` if it fails."""
+    """Encoded image (uint8 array) -> (3, H, W) uint8 RGB (PIL / libjpeg-turbo); ShardError naming `where` if it
+    fails."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             rgb = np.array(im.convert("RGB"))
@@ -35,7 +36,8 @@ def decode(data: np.ndarray, where: str) -> torch.Tensor:
 def augment_view(img: torch.Tensor, p: np.ndarray, size: int, cfg: MultiCropConfig) -> torch.Tensor:
     """One crop of a (3, H, W) uint8 image with parameters p (N_PARAMS,) -> (3, size, size) uint8."""
     y0, x0, y1, x1 = (int(v) for v in p[A.P_Y0:A.P_X1 + 1])
-    out = F.resized_crop(img, y0, x0, y1 - y0, x1 - x0, [size, size], interpolation=_INTERP[cfg.interpolation], antialias=True)
+    out = F.resized_crop(img, y0, x0, y1 - y0, x1 - x0, [size, size], interpolation=_INTERP[cfg.interpolation],
+                         antialias=True)
     if p[A.P_FLIP]:
         out = F.horizontal_flip(out)
     if p[A.P_BRIGHT] != 1:
@@ -71,9 +73,10 @@ class _MultiCropBatches:
     def __getitem__(self, item):
         epoch, ids = item
         src, cfg = self.source, self.source.augment
-        images = [decode(d, src.reader.table.where(int(i))) for i, d in zip(ids, src.encoded(ids))]
+        images = [decode(d, src.reader.table.where(int(i))) for i, d in zip(ids, src.encoded(ids), strict=True)]
         params = src.params(epoch, ids, [img.shape[1:] for img in images])
-        views = [[augment_view(img, params[j, v], cfg.view_size(v), cfg) for j, img in enumerate(images)] for v in range(cfg.n_views)]
+        views = [[augment_view(img, params[j, v], cfg.view_size(v), cfg) for j, img in enumerate(images)]
+                 for v in range(cfg.n_views)]
         labels = src.reader.labels(ids)
         g = cfg.n_global
         return {
@@ -88,7 +91,8 @@ class _EvalBatches:
     def __init__(self, loader: TorchvisionEvalLoader):
         self.reader = loader.reader
         self.image_size, self.resize_size = loader.image_size, loader.resize_size
-        self.mean, self.std, self.interp, self.dtype = loader.mean, loader.std, _INTERP[loader.interpolation], loader.dtype
+        self.mean, self.std, self.dtype = loader.mean, loader.std, loader.dtype
+        self.interp = _INTERP[loader.interpolation]
 
     def __getitem__(self, item):
         _, ids = item
@@ -104,6 +108,8 @@ class _EvalBatches:
 
 class _TorchvisionBase(ShardLoader):
     """Iterates a DataLoader over whole-batch items of this rank's epoch order."""
+
+    backend = "torchvision"
 
     def __init__(self, shards, batch_size, *, num_threads: int, **kwargs):
         super().__init__(shards, batch_size, **kwargs)
@@ -123,8 +129,9 @@ class TorchvisionMultiCropLoader(_TorchvisionBase):
     """DINOv2 multi-crop batches with torchvision.transforms.v2 on CPU workers.
 
     Same arguments and output as MultiCropLoader (num_threads = DataLoader workers; device, device_id,
-    prefetch and hw_decoder_load are DALI's and ignored here: batches stay on the CPU): {"global_crops": (n_global*B, 3, G, G), "local_crops": (n_local*B, 3, L, L),
-    "labels": (B,) int64 or None}, view-major, CPU tensors of `dtype` (fp32 by default).
+    prefetch and hw_decoder_load are DALI's and ignored here: batches stay on the CPU):
+    {"global_crops": (n_global*B, 3, G, G), "local_crops": (n_local*B, 3, L, L), "labels": (B,) int64 or None},
+    view-major, CPU tensors of `dtype` (fp32 by default). `backend` is "torchvision".
     """
 
     def __init__(self, shards, batch_size: int, *, device: str = "auto", augment: MultiCropConfig | None = None,

@@ -20,14 +20,17 @@ def _compiled_run(config) -> bool:
 def pytest_configure(config):
     # triton reads TRITON_INTERPRET when a kernel is decorated, so this must precede every kernel import.
     if not _compiled_run(config):
-        assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", "triton imported before conftest"
+        assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", (
+            "triton imported before conftest"
+        )
         os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
     if _compiled_run(config):
         return
-    reason = "compiled kernels: run `pytest -m gpu`" if HAS_CUDA else "needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)"
+    reason = ("compiled kernels: run `pytest -m gpu`" if HAS_CUDA
+              else "needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
     skip_gpu = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:

@@ -32,6 +32,7 @@ def lower(kernel, args, num_warps=8, num_stages=3):
 def assert_lowers(script: str, n_kernels: int) -> None:
     """Runs PRELUDE + script in a fresh interpreter-free process; it must print n_kernels "ok" lines."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + script], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", PRELUDE + script], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count(" ok\n") == n_kernels, proc.stdout

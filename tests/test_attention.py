@@ -313,7 +313,7 @@ def test_packed_global_and_local_crops_match_separate_batches(backend):
 LOWER_SCRIPT = """
 import dinotron.kernels.flash_attention as fa
 
-POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
+POINTERS = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
 for kernel, dtype, varlen, extra in [(fa._attn_fwd, "fp16", False, {}), (fa._attn_bwd, "bf16", True, {"DKDV": False}),
                                      (fa._attn_bwd, "fp16", True, {"DKDV": True})]:
     config = kernel.configs[0]

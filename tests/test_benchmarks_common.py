@@ -1,10 +1,8 @@
-"""The benchmark plumbing writes results in the agreed format, and README tables stay in sync with them."""
+"""The benchmark plumbing writes results in the agreed format; benchmarks/README.md tables stay in sync with them."""
 import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -34,5 +32,6 @@ def test_save_writes_the_results_format(tmp_path, monkeypatch):
 
 
 def test_readme_tables_are_generated_from_results():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr

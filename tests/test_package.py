@@ -1,5 +1,5 @@
 """Packaging: the namespace layout, the import boundary for drop-in users, the console script, the backend switch."""
-import os
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +34,46 @@ def test_dinotron_is_a_namespace_of_three_packages():
     assert second == "dinotron.kernels dinotron.pipeline dinotron.train"
 
 
-def test_public_names():
+# Every name dinotron.kernels exports, with the module that defines it and what it is.
+PUBLIC = {
+    "DINOLoss": ("cross_entropy", "module"),
+    "IBOTPatchLoss": ("cross_entropy", "module"),
+    "KoLeoLoss": ("koleo", "module"),
+    "attention": ("flash_attention", "function"),
+    "attention_varlen": ("flash_attention", "function"),
+    "dino_loss": ("cross_entropy", "function"),
+    "ibot_patch_loss": ("cross_entropy", "function"),
+    "koleo_loss": ("koleo", "function"),
+    "make_cu_seqlens": ("flash_attention", "function"),
+    "packed_sequences": ("flash_attention", "function"),
+    "resolve_backend": ("backend", "function"),
+    "sinkhorn_knopp_teacher": ("sinkhorn_knopp", "function"),
+    "softmax_center_and_update_teacher": ("softmax_center", "function"),
+    "softmax_center_teacher": ("softmax_center", "function"),
+    "swap_timm_attention": ("flash_attention", "function"),
+    "update_center": ("softmax_center", "function"),
+}
+
+
+def test_public_names_are_exactly_the_table():
     import dinotron.kernels as k
 
-    for name in ("softmax_center_teacher", "sinkhorn_knopp_teacher", "update_center", "dino_loss",
-                 "ibot_patch_loss", "koleo_loss", "attention"):
-        assert callable(getattr(k, name)), name
+    assert sorted(k.__all__) == sorted(PUBLIC), "a name was added to or dropped from dinotron.kernels.__all__"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_public_name_is_its_modules_object(name):
+    import importlib
+
+    import dinotron.kernels as k
+
+    module, kind = PUBLIC[name]
+    obj = getattr(k, name)
+    assert obj is getattr(importlib.import_module(f"dinotron.kernels.{module}"), name)
+    if kind == "module":
+        assert isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+    else:
+        assert inspect.isfunction(obj) and obj.__module__ == f"dinotron.kernels.{module}"
 
 
 def test_console_script_version():

@@ -1,12 +1,19 @@
-"""The `dinotron` command line. Each subcommand lives with the code it drives and is added here."""
+"""The `dinotron` command line. Each subcommand lives with the code it drives and is added here.
+
+What a command returns (a JSON line, a report) goes to stdout; messages go to stderr through the
+`dinotron` logger (`dinotron.train.log`). A user error exits with status 2, a diverged run with 1.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import runpy
 import sys
 from importlib.metadata import version
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _load_run(args):
@@ -42,7 +49,7 @@ def cmd_train(args) -> int:
     try:
         result = Trainer(cfg, resume=args.resume).fit()
     except TrainingDiverged as e:
-        print(f"dinotron train: {e}", file=sys.stderr)
+        log.error(f"dinotron train: {e}")
         return 1
     print(json.dumps({k: v for k, v in result.items() if k in ("step", "loss", "knn_top1", "knn_top5")}))
     return 0
@@ -68,7 +75,8 @@ def cmd_export(args) -> int:
 
     cfg, model, path = _load_run(args)
     out = export_backbone(model, cfg, args.out)
-    print(f"exported the teacher backbone of {path} to {out} (timm.create_model('local-dir:{out}', pretrained=True))")
+    log.info(f"exported the teacher backbone of {path} to {out} "
+             f"(timm.create_model('local-dir:{out}', pretrained=True))")
     return 0
 
 
@@ -89,7 +97,7 @@ def cmd_demo(args) -> int:
     result = run_demo(args.config, args.out, args.overrides)
     gap = result["knn_top1_trained"] - result["knn_top1_random_init"]
     if gap < 10:
-        print(f"[demo] the trained teacher beats random init by only {gap:.1f} k-NN points (expected >= 10)", file=sys.stderr)
+        log.error(f"[demo] the trained teacher beats random init by only {gap:.1f} k-NN points (expected >= 10)")
     print(json.dumps(result))
     return 0 if gap >= 10 else 1
 
@@ -97,9 +105,13 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinotron", description="DINOv2 training, fast from the disk to the loss.")
     parser.add_argument("--version", action="version", version=f"dinotron {version('dinotron')}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="messages shown on stderr (default INFO)")
+    parser.add_argument("--log-all-ranks", action="store_true", help="show every rank's messages, not rank 0's only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("make-shards", help="ImageFolder tree or flat folder -> WebDataset shards + DALI index + manifest.json")
+    p = sub.add_parser("make-shards",
+                       help="ImageFolder tree or flat folder -> WebDataset shards + DALI index + manifest.json")
     p.add_argument("src", help="class sub-folders (labelled) or a flat folder of images (no labels)")
     p.add_argument("out", help="output folder")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -107,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     p.set_defaults(func=cmd_make_shards)
 
-    p = sub.add_parser("check-shards", help="report bad samples of any WebDataset shards, write missing DALI index files")
+    p = sub.add_parser("check-shards",
+                       help="report bad samples of any WebDataset shards, write missing DALI index files")
     p.add_argument("pattern", nargs="+", help="shard paths or brace patterns, e.g. 'out/train-{000000..000099}.tar'")
     p.add_argument("--no-decode", action="store_true", help="check structure only, do not decode every image")
     p.set_defaults(func=cmd_check_shards)
@@ -151,12 +164,12 @@ def cmd_make_shards(args) -> int:
     try:
         m = write_shards(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix, workers=args.workers)
     except (OSError, ValueError) as e:
-        print(f"dinotron make-shards: {e}", file=sys.stderr)
+        log.error(f"dinotron make-shards: {e}")
         return 2
     print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards: {Path(args.out) / m['pattern']}"
           f" ({len(m['classes'] or [])} classes); skipped {len(m['skipped'])} undecodable files")
     for s in m["skipped"]:
-        print(f"  skipped {s['path']}: {s['reason']}")
+        log.warning(f"skipped {s['path']}: {s['reason']}")
     return 0
 
 
@@ -166,13 +179,13 @@ def cmd_check_shards(args) -> int:
     try:
         r = check_shards(args.pattern, decode=not args.no_decode)
     except (OSError, ValueError) as e:
-        print(f"dinotron check-shards: {e}", file=sys.stderr)
+        log.error(f"dinotron check-shards: {e}")
         return 2
     for bad in r["bad"]:
         where = f"{bad['shard']}" + (f" sample {bad['key']!r}" if bad["key"] else "")
         print(f"BAD {where}: {bad['problem']}")
     for path in r["indexes_written"]:
-        print(f"wrote index {path}")
+        log.info(f"wrote index {path}")
     print(f"{r['shards']} shards, {r['samples']} samples ({'labelled' if r['labelled'] else 'unlabelled'}), "
           f"{len(r['bad'])} bad")
     return 1 if r["bad"] else 0
@@ -185,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from dinotron.train.config import ConfigError
+    from dinotron.train.log import setup_logging
 
+    setup_logging(level=args.log_level, all_ranks=args.log_all_ranks)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"dinotron {args.command}: {e}", file=sys.stderr)
+        log.error(f"dinotron {args.command}: {e}")
         return 2
 
 

@@ -181,7 +181,8 @@ def from_dict(data: dict, cls=Config, prefix: str = ""):
 
 def _unknown_key(path: str, key: str, names: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else f"; valid keys here: {', '.join(names)}"
+    hint = (f"; did you mean {', '.join(prefix + c for c in close)}?" if close
+            else f"; valid keys here: {', '.join(names)}")
     return f"unknown config key '{path}'{hint}"
 
 
@@ -212,7 +213,7 @@ def _coerce(value, tp, path: str):
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"config key '{path}' must have {len(args)} items, got {list(value)}")
-            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         item = args[0] if args else Any
         out = [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out

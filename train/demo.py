@@ -8,13 +8,17 @@ trained teacher and for the same architecture at random init. Ends with one JSON
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-PATTERNS = ("stripes_h", "stripes_v", "stripes_diag", "stripes_antidiag", "checker", "dots", "rings", "grid", "waves", "blobs")
+log = logging.getLogger(__name__)
+
+PATTERNS = ("stripes_h", "stripes_v", "stripes_diag", "stripes_antidiag", "checker", "dots", "rings", "grid", "waves",
+            "blobs")
 
 
 def texture(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,7 +89,8 @@ def plot_losses(metrics_file: Path, out_png: Path, title: str) -> Path:
     return out_png
 
 
-def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = None, n_train_per_class: int = 200, n_val_per_class: int = 50) -> dict:
+def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = None, n_train_per_class: int = 200,
+             n_val_per_class: int = 50) -> dict:
     """Data -> shards -> k-NN at random init -> training -> k-NN -> export -> loss curve."""
     import shutil
 
@@ -116,21 +121,22 @@ def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = 
         ]
         + list(overrides or []),
     )
-    print(f"[demo] {len(PATTERNS)} texture classes, {len(PATTERNS) * n_train_per_class} train / "
-          f"{len(PATTERNS) * n_val_per_class} val images of {size}px, shards in {out / 'shards'}", flush=True)
+    log.info(f"[demo] {len(PATTERNS)} texture classes, {len(PATTERNS) * n_train_per_class} train / "
+             f"{len(PATTERNS) * n_val_per_class} val images of {size}px, shards in {out / 'shards'}")
 
     seed_everything(cfg.train.seed)  # the same initial weights the trainer starts from
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     random_init = evaluate_knn(DinoV2(cfg).to(device), cfg, device)
-    print(f"[demo] k-NN at random init: top-1 {random_init['top1']:.2f}%", flush=True)
+    log.info(f"[demo] k-NN at random init: top-1 {random_init['top1']:.2f}%")
 
     trainer = Trainer(cfg)
     trained = trainer.fit()
-    print(f"[demo] k-NN after {trainer.step} steps: top-1 {trained['knn_top1']:.2f}%", flush=True)
+    log.info(f"[demo] k-NN after {trainer.step} steps: top-1 {trained['knn_top1']:.2f}%")
     export_dir = export_backbone(trainer.model, cfg, out / "export")
     vit = trainer.model.teacher.backbone.vit
     arch = f"ViT dim {vit.embed_dim}, depth {len(vit.blocks)}, patch {trainer.model.patch_size}"
-    curve = plot_losses(trainer.metrics_file, out / "loss_curve.png", f"dinotron demo: {arch}, {trainer.step} steps, CPU")
+    curve = plot_losses(trainer.metrics_file, out / "loss_curve.png",
+                        f"dinotron demo: {arch}, {trainer.step} steps, CPU")
     return {
         "knn_top1_trained": round(trained["knn_top1"], 2),
         "knn_top1_random_init": round(random_init["top1"], 2),

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def extract_features(backbone, batches: Iterable[dict], device: torch.device, autocast_dtype: torch.dtype | None = None):
+def extract_features(backbone, batches: Iterable[dict], device: torch.device,
+                     autocast_dtype: torch.dtype | None = None):
     """L2-normalised cls features and labels of every batch, gathered from all ranks.
 
     backbone: callable images -> object with `.cls` (B, C). Returns ((N, C) float32, (N,) int64) on `device`.
@@ -41,7 +42,7 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     padded[: x.shape[0]] = x
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes, strict=True)])
 
 
 @torch.no_grad()

@@ -3,13 +3,12 @@ exact resume, graceful SIGTERM/SIGINT, periodic k-NN evaluation."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import signal
-import sys
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from dinotron.train.masking import BlockMaskGenerator, sample_masks
 from dinotron.train.model import DinoV2
 from dinotron.train.optim import apply_schedules, build_optimizer, clip_gradients
 from dinotron.train.schedules import build_schedules
+
+log = logging.getLogger(__name__)
 
 LOSS_PARTS = ("dino_loss", "koleo_loss", "ibot_loss", "loss")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -54,13 +55,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _build_loader(loader_cls, *args, **kwargs):
+    """loader_cls(*args, **kwargs), where a missing DALI's error names the config key that avoids it."""
+    from dinotron.pipeline import DaliNotInstalledError
+
+    try:
+        return loader_cls(*args, **kwargs)
+    except DaliNotInstalledError as e:
+        raise DaliNotInstalledError("data.loader=dali needs NVIDIA DALI, which is not installed: "
+                                    "pip install nvidia-dali-cuda130, or set data.loader=torchvision") from e
+
+
 def build_train_loader(cfg: Config, rank: int, world: int):
+    """The multi-crop loader data.loader names, never another: MultiCropLoader ("dali", on data.device; raises
+    DaliNotInstalledError where DALI is missing) or TorchvisionMultiCropLoader ("torchvision"). Logs its backend."""
     from dinotron.pipeline import MultiCropLoader, TorchvisionMultiCropLoader
 
     if not cfg.data.train_shards:
         raise ValueError("data.train_shards is empty: give shard paths or brace patterns")
     loader_cls = MultiCropLoader if cfg.data.loader == "dali" else TorchvisionMultiCropLoader
-    return loader_cls(
+    loader = _build_loader(
+        loader_cls,
         cfg.data.train_shards,
         cfg.data.batch_size_per_gpu,
         device=cfg.data.device,
@@ -70,13 +85,17 @@ def build_train_loader(cfg: Config, rank: int, world: int):
         num_shards=world,
         num_threads=cfg.data.num_threads,
     )
+    log.info(f"train loader: {loader.backend} ({type(loader).__name__}, {len(loader)} batches per epoch per rank)")
+    return loader
 
 
 def build_eval_loader(cfg: Config, shards: list[str], rank: int, world: int):
-    from dinotron.pipeline import EvalLoader
+    """EvalLoader (DALI) or TorchvisionEvalLoader, the same backend as the train loader's (data.loader)."""
+    from dinotron.pipeline import EvalLoader, TorchvisionEvalLoader
 
     ev = cfg.evaluation
-    return EvalLoader(
+    return _build_loader(
+        EvalLoader if cfg.data.loader == "dali" else TorchvisionEvalLoader,
         shards,
         ev.batch_size,
         image_size=ev.image_size,
@@ -84,6 +103,7 @@ def build_eval_loader(cfg: Config, shards: list[str], rank: int, world: int):
         device=cfg.data.device,
         shard_id=rank,
         num_shards=world,
+        num_threads=cfg.data.num_threads,
     )
 
 
@@ -95,8 +115,10 @@ def evaluate_knn(model: DinoV2, cfg: Config, device: torch.device, rank: int = 0
     model.eval()
     try:
         backbone = model.teacher.backbone
-        train_f, train_l = extract_features(backbone, build_eval_loader(cfg, ev.knn_train_shards, rank, world), device, autocast)
-        val_f, val_l = extract_features(backbone, build_eval_loader(cfg, ev.knn_val_shards, rank, world), device, autocast)
+        train_f, train_l = extract_features(backbone, build_eval_loader(cfg, ev.knn_train_shards, rank, world), device,
+                                            autocast)
+        val_f, val_l = extract_features(backbone, build_eval_loader(cfg, ev.knn_val_shards, rank, world), device,
+                                        autocast)
     finally:
         model.train(was_training)
     return knn_classify(train_f, train_l, val_f, val_l, k=ev.k, temperature=ev.temperature)
@@ -115,7 +137,8 @@ class CollapseWatch:
         if m["teacher_entropy"] > 0.98:
             found.append(f"teacher targets are near-uniform (entropy {m['teacher_entropy']:.3f} of log K)")
         if m["prototypes_in_use"] < 0.05:
-            found.append(f"one prototype dominates ({100 * m['prototypes_in_use']:.1f}% of the possible prototypes in use)")
+            found.append(f"one prototype dominates ({100 * m['prototypes_in_use']:.1f}% of the possible prototypes "
+                         "in use)")
         if m["feature_std"] < 0.05:
             found.append(f"student features have collapsed (normalised std {m['feature_std']:.3f})")
         return found
@@ -191,7 +214,7 @@ class Trainer:
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.out_dir)
         if path is None:
-            print(f"--resume: no checkpoint in {self.out_dir}, starting from scratch", file=sys.stderr)
+            log.info(f"--resume: no checkpoint in {self.out_dir}, starting from scratch")
             return
         state = ckpt.load_checkpoint(path)
         saved = from_dict(state["config"])
@@ -208,7 +231,7 @@ class Trainer:
         ckpt.set_rng_state(mine["rng"])
         self.mask_rng.setstate(mine["mask_rng"])
         self.step = state["step"]
-        print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+        log.info(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path | None:
         state = self.state_dict()  # every rank takes part in gathering RNG states
@@ -275,7 +298,8 @@ class Trainer:
         """Train until end_step or a stop signal; returns the last logged metrics (and k-NN)."""
         cfg = self.cfg
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        bar = tqdm(total=self.end_step, initial=self.step, disable=not (self.is_main and cfg.train.progress), dynamic_ncols=True)
+        bar = tqdm(total=self.end_step, initial=self.step, disable=not (self.is_main and cfg.train.progress),
+                   dynamic_ncols=True)
         images = cfg.data.batch_size_per_gpu * self.world
         last: dict = {}
         stopping = False
@@ -306,9 +330,8 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
         if stopping:  # by a signal, here or on another rank
-            if self.is_main:
-                print(f"stopped by signal {self.stop_signal or 'on another rank'} after step {self.step}; "
-                      "checkpoint saved", file=sys.stderr)
+            log.info(f"stopped by signal {self.stop_signal or 'on another rank'} after step {self.step}; "
+                     "checkpoint saved")
         elif cfg.evaluation.knn_val_shards and not self._knn_due():
             last.update(self._knn())
         return last
@@ -328,14 +351,14 @@ class Trainer:
         if self.is_main:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            tqdm.write(f"step {self.step}: k-NN " + ", ".join(f"{k} {v:.2f}%" for k, v in result.items()))
+            log.info(f"step {self.step}: k-NN " + ", ".join(f"{k} {v:.2f}%" for k, v in result.items()))
         return {f"knn_{k}": v for k, v in result.items()}
 
     def _log(self, m: dict, bar: tqdm) -> None:
         bar.update(1)
         warning = self.collapse.update(self.step, m)
-        if warning and self.is_main:
-            warnings.warn(warning, RuntimeWarning, stacklevel=2)
+        if warning:
+            log.warning(warning)
         if not self.is_main or self.step % self.cfg.train.log_every:
             return
         with open(self.metrics_file, "a") as f:

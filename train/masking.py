@@ -15,7 +15,8 @@ class BlockMaskGenerator:
     overshoot the budget are redrawn (10 tries), and generation stops when a round adds nothing.
     """
 
-    def __init__(self, grid: tuple[int, int], max_num_patches: float | None = None, min_num_patches: int = 4, min_aspect: float = 0.3):
+    def __init__(self, grid: tuple[int, int], max_num_patches: float | None = None, min_num_patches: int = 4,
+                 min_aspect: float = 0.3):
         self.height, self.width = grid
         self.max_num_patches = max_num_patches if max_num_patches is not None else 0.5 * self.height * self.width
         self.min_num_patches = min_num_patches

@@ -159,7 +159,8 @@ class Backbone(nn.Module):
         cu_seqlens, max_seqlen = kernels.make_cu_seqlens(lengths)
         packed = torch.cat([t.flatten(0, 1) for t in tokens])[None]
         device = packed.device
-        self._packing.token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+        self._packing.token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                                          torch.tensor(lengths, device=device))
         try:
             with kernels.packed_sequences(cu_seqlens.to(device), max_seqlen):
                 packed = self.vit.blocks(packed)[0]
@@ -183,7 +184,8 @@ class DinoV2(nn.Module):
         super().__init__()
         self.cfg = cfg
         mc = cfg.model
-        student_backbone = Backbone(create_vit(mc, mc.drop_path_rate), mc.drop_path_rate if mc.drop_path_uniform else None)
+        student_backbone = Backbone(create_vit(mc, mc.drop_path_rate),
+                                    mc.drop_path_rate if mc.drop_path_uniform else None)
         embed_dim = student_backbone.vit.embed_dim
         student = {"backbone": student_backbone, "dino_head": DINOHead(embed_dim, cfg.dino.head)}
         if cfg.ibot.separate_head:
@@ -219,7 +221,8 @@ class DinoV2(nn.Module):
         self.teacher.eval()
         return self
 
-    def _heads(self, part: nn.ModuleDict, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _heads(self, part: nn.ModuleDict, cls_tokens: torch.Tensor,
+               patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """DINO logits of cls tokens, iBOT logits of patch tokens (one head call when shared)."""
         if "ibot_head" in part:
             return part.dino_head(cls_tokens), part.ibot_head(patch_tokens)
@@ -245,7 +248,8 @@ class DinoV2(nn.Module):
             else:
                 patch_probs = patch_logits.float()
         else:
-            cls_probs = kernels.sinkhorn_knopp_teacher(cls_logits, teacher_temp, tc.sinkhorn_iterations, check_finite=False)
+            cls_probs = kernels.sinkhorn_knopp_teacher(cls_logits, teacher_temp, tc.sinkhorn_iterations,
+                                                       check_finite=False)
             patch_probs = (
                 kernels.sinkhorn_knopp_teacher(patch_logits, teacher_temp, tc.sinkhorn_iterations, check_finite=False)
                 if patch_logits.shape[0]
@@ -253,7 +257,8 @@ class DinoV2(nn.Module):
             )
         return {"cls_probs": cls_probs, "patch_probs": patch_probs}
 
-    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor, teacher_temp: float) -> dict:
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
+                teacher_temp: float) -> dict:
         """One training step's losses.
 
         global_crops: (n_global*B, 3, G, G) view-major; local_crops: (n_local*B, 3, L, L) or None;

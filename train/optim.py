@@ -44,7 +44,8 @@ def param_groups(student: nn.ModuleDict, cfg: OptimConfig) -> list[dict]:
             wd_mult = 0.0 if no_weight_decay(name, param) else 1.0
             key = (lr_mult, wd_mult, "last_layer" in name)
             group = groups.setdefault(
-                key, {"params": [], "names": [], "lr_multiplier": lr_mult, "wd_multiplier": wd_mult, "is_last_layer": key[2]}
+                key, {"params": [], "names": [], "lr_multiplier": lr_mult, "wd_multiplier": wd_mult,
+                      "is_last_layer": key[2]}
             )
             group["params"].append(param)
             group["names"].append(f"{part_name}.{name}")
@@ -53,7 +54,8 @@ def param_groups(student: nn.ModuleDict, cfg: OptimConfig) -> list[dict]:
 
 def build_optimizer(student: nn.ModuleDict, cfg: OptimConfig) -> torch.optim.AdamW:
     fused = all(p.is_cuda for p in student.parameters())
-    return torch.optim.AdamW(param_groups(student, cfg), lr=0.0, betas=(cfg.adamw_beta1, cfg.adamw_beta2), fused=fused or None)
+    return torch.optim.AdamW(param_groups(student, cfg), lr=0.0, betas=(cfg.adamw_beta1, cfg.adamw_beta2),
+                             fused=fused or None)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, last_layer_lr: float, wd: float) -> None:

@@ -13,7 +13,8 @@ class CosineSchedule:
     """`warmup_steps` linear from `start_warmup_value` to `base`, then a half cosine to `final`
     reached at `total_steps`; `final` from then on. Indexable by step."""
 
-    def __init__(self, base: float, final: float, total_steps: int, warmup_steps: int = 0, start_warmup_value: float = 0.0):
+    def __init__(self, base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                 start_warmup_value: float = 0.0):
         if warmup_steps > total_steps:
             raise ValueError(f"warmup_steps ({warmup_steps}) exceeds total_steps ({total_steps})")
         self.final = final
@@ -70,5 +71,6 @@ def build_schedules(cfg: Config, total_batch: int) -> Schedules:
         last_layer_lr=last_layer,
         weight_decay=CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
         momentum=CosineSchedule(t.momentum_teacher, t.final_momentum_teacher, total),
-        teacher_temp=CosineSchedule(t.teacher_temp, t.teacher_temp, warm, warmup_steps=warm, start_warmup_value=t.warmup_teacher_temp),
+        teacher_temp=CosineSchedule(t.teacher_temp, t.teacher_temp, warm, warmup_steps=warm,
+                                    start_warmup_value=t.warmup_teacher_temp),
     )
