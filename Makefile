@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test lint demo clean
+.PHONY: test test-gpu lint demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-gpu: $(STAMP)  # on a CUDA machine: the compiled kernels and DALI on the GPU
+	$(PY) -m pytest -q -m gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

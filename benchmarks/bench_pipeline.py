@@ -33,6 +33,7 @@ import torch
 
 from common import save
 from dinotron.pipeline import MultiCropConfig, MultiCropLoader, TorchvisionMultiCropLoader, write_shards
+from dinotron.pipeline.dali_loader import dali_available
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "rocket", "retina",
           "stereo_motorcycle", "camera", "moon", "brick", "grass", "gravel")
@@ -143,6 +144,15 @@ def measure(make, batches: int, warmup: int, batch_size: int, on_gpu: bool) -> d
     return {"images_per_s": batches * batch_size / seconds, "ms": 1e3 * seconds / batches}
 
 
+def skipped(impl: str, gpu: bool) -> str | None:
+    """Why `impl` cannot run here (None when it can): a DALI loader never stands in for another."""
+    if impl.startswith("dali") and not dali_available():
+        return "DALI not installed"
+    if impl == "dali_gpu" and not gpu:
+        return "no CUDA GPU on this machine"
+    return None
+
+
 def main() -> int:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,7 +188,7 @@ def main() -> int:
         samples = {impl: [] for impl in args.impls}
         for _ in range(args.rounds):  # round-robin, so that load from elsewhere hits every impl alike
             for impl in args.impls:
-                if impl == "dali_gpu" and not gpu:
+                if skipped(impl, gpu):
                     continue
                 n = batches * (args.gpu_batches_factor if impl == "dali_gpu" else 1)
                 samples[impl].append(measure(makers[impl], n, args.warmup, args.batch_size, on_gpu=impl == "dali_gpu"))
@@ -186,7 +196,7 @@ def main() -> int:
         for impl, runs in samples.items():
             row = {"case": case_of(workers), "impl": impl}
             if not runs:
-                row["note"] = "skipped: no CUDA GPU on this machine"
+                row["note"] = f"skipped: {skipped(impl, gpu)}"
             else:  # the median round
                 row.update(sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2])
                 row["rounds"] = len(runs)

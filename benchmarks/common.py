@@ -1,6 +1,6 @@
 """Plumbing shared by the benchmark scripts: timing, peak memory, the results JSON and its plot.
 
-Results follow ../shared/BENCHMARKS.md: benchmarks/results/<device-slug>/<bench>.json with one row
+Results follow the format in benchmarks/README.md: benchmarks/results/<device-slug>/<bench>.json with one row
 per (case, impl) and a PNG of the same rows beside it. Timings are medians measured side by side in
 one process: triton.testing.do_bench on CUDA, time.perf_counter on CPU.
 """

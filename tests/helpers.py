@@ -95,6 +95,7 @@ def spy_launches(monkeypatch, module, name: str) -> KernelLaunches:
     monkeypatch.setattr(module, name, _Spy())
     return launches
 
+
 # ---- pipeline oracles ---------------------------------------------------------------------------
 
 

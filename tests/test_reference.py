@@ -1,4 +1,15 @@
-"""The eager reference ops against hand-computed cases and brute-force loops."""
+"""The eager reference ops (kernels/reference.py) against hand-computed cases and brute-force loops.
+
+Oracles: hand-computed values, Python/fp64 loops, dinov2's literal Sinkhorn-Knopp and iBOT forward
+(transcribed), lightly's KoLeo formula, F.scaled_dot_product_attention.
+Tolerances (each threshold also says its origin beside it):
+- the same fp32 math in another order or layout (batched vs looped, einsum vs sums): torch.testing's
+  fp32 defaults (rtol 1.3e-6, atol 1e-5), or rtol 1e-5 (~80 fp32 ulps) where the formulas differ
+  (log-space vs exp-space, fused vs two-step); measured errors are 10-1000x below.
+- bf16 outputs: the reference computes in fp32 and rounds once, so the fp64 oracle on the same
+  rounded inputs is within bf16's unit roundoff, eps / 2 = 2^-8 relative, plus the fp32 error (atol).
+- marginals are sums of K fp32 terms near 1: a few ulps (measured 4e-7), atol 1e-5.
+"""
 import math
 
 import pytest
@@ -30,7 +41,7 @@ def test_softmax_center_teacher_bf16_input_gives_fp32():
     out = ref.softmax_center_teacher(logits.bfloat16(), center, 0.04)
     assert out.dtype == torch.float32 and out.shape == (4, 3, 100)
     expected = torch.softmax((logits.bfloat16().float() - center) / 0.04, dim=-1)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the same fp32 ops on the same values
 
 
 def test_update_center_hand_computed():
@@ -53,6 +64,8 @@ dinov2_sinkhorn_literal = ref.dinov2_sinkhorn_knopp  # dinov2's DINOLoss.sinkhor
 def test_sinkhorn_matches_dinov2_literal(B, K, n_it):
     logits = torch.randn(B, K)
     out = ref.sinkhorn_knopp_teacher(logits, teacher_temp=0.5, n_iterations=n_it)
+    # log-space vs dinov2's exp-space divisions: measured 3e-6 relative here; exp space loses relative
+    # precision on tiny entries (1.7e-4 measured at B=128, K=4096), hence 1e-4; atol for negligible ones
     torch.testing.assert_close(out, dinov2_sinkhorn_literal(logits, 0.5, n_it), rtol=1e-4, atol=1e-7)
 
 
@@ -62,9 +75,9 @@ def test_sinkhorn_marginals():
     out = ref.sinkhorn_knopp_teacher(logits, teacher_temp=0.3, n_iterations=3)
     # the last step normalises samples: each row is a distribution
     torch.testing.assert_close(out.sum(dim=1), torch.ones(B), rtol=0, atol=1e-5)
-    # with enough iterations the prototype marginal converges to B / K
+    # with enough iterations the prototype marginal converges to B / K, to rounding (measured 6e-7)
     out = ref.sinkhorn_knopp_teacher(logits, teacher_temp=0.3, n_iterations=500)
-    torch.testing.assert_close(out.sum(dim=0), torch.full((K,), B / K), rtol=1e-3, atol=0)
+    torch.testing.assert_close(out.sum(dim=0), torch.full((K,), B / K), rtol=1e-5, atol=0)
     torch.testing.assert_close(out.sum(dim=1), torch.ones(B), rtol=0, atol=1e-5)
 
 
@@ -75,6 +88,8 @@ def test_sinkhorn_uniform_and_extreme_logits():
     out = ref.sinkhorn_knopp_teacher(logits, teacher_temp=0.04)
     assert torch.isfinite(out).all()
     assert not torch.isfinite(dinov2_sinkhorn_literal(logits, 0.04)).all()
+    # |logits| / temp reaches ~5000, where half the fp32 spacing (2.4e-4) is each term's relative error:
+    # a row sum is off by up to that (measured 6e-6); atol 1e-4
     torch.testing.assert_close(out.sum(dim=1), torch.ones(16), rtol=0, atol=1e-4)
 
 
@@ -98,6 +113,7 @@ def test_dino_loss_hand_computed():
     torch.testing.assert_close(ref.dino_loss(student, teacher, 1.0, reduction="sum"), torch.tensor(2 * LN2))
     # a student that is certain of the teacher's other view: log_softmax([10, 0]/0.1) ~ [0, -100]
     student = [torch.tensor([[0.0, 10.0]]), torch.tensor([[10.0, 0.0]])]
+    # the loss is ~ 100 * exp(-100) ~ 4e-42, in fp32's subnormal range: 0 to any sensible atol
     assert ref.dino_loss(student, teacher, student_temp=0.1).item() == pytest.approx(0.0, abs=1e-30)
 
 
@@ -108,14 +124,16 @@ def test_dino_loss_equals_double_loop(n_global, n_local, B, K):
     terms = dino_loss_double_loop(student, teacher, 0.1)
     assert len(terms) == (n_global + n_local) * n_global - n_global
     loss = ref.dino_loss(student, teacher, student_temp=0.1)
-    torch.testing.assert_close(loss, terms.mean(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ref.dino_loss(student, teacher, 0.1, reduction="sum"), terms.sum(), rtol=1e-5, atol=1e-5)
+    # einsum over (T, S) pairs vs a loop over them, both fp32: torch.testing's fp32 defaults
+    torch.testing.assert_close(loss, terms.mean())
+    torch.testing.assert_close(ref.dino_loss(student, teacher, 0.1, reduction="sum"), terms.sum())
     # stacked (V, B, K) tensors are the same as lists of views
     torch.testing.assert_close(ref.dino_loss(torch.stack(student), torch.stack(teacher), 0.1), loss)
     # with one global view, student view 0 pairs with no teacher view: its gradient is zero
     grads = torch.autograd.grad(loss, student, allow_unused=True, materialize_grads=True)
     grads_loop = torch.autograd.grad(terms.mean(), student, allow_unused=True, materialize_grads=True)
-    for g, g_loop in zip(grads, grads_loop):
+    for g, g_loop in zip(grads, grads_loop, strict=True):
+        # entries ~ softmax / (B n_pairs temp) ~ 1e-6..1e-2: rtol 1e-5 (~80 ulps), atol 1e-7 for the smallest
         torch.testing.assert_close(g, g_loop, rtol=1e-5, atol=1e-7)
 
 
@@ -124,6 +142,7 @@ def test_dino_loss_bf16_inputs_accumulate_in_fp32():
     teacher = torch.softmax(torch.randn(2, 8, 256), dim=-1).bfloat16()
     loss = ref.dino_loss(student, teacher)
     assert loss.dtype == torch.float32
+    # the same fp32 math on the same bf16 values, in another order: measured 2e-6 on a loss of ~5.5 (4 ulps)
     torch.testing.assert_close(loss, dino_loss_double_loop(student, teacher, 0.1).mean(), rtol=1e-5, atol=1e-5)
 
 
@@ -175,11 +194,14 @@ def test_ibot_dense_masked_and_dinov2_agree(B, N, K):
     student = torch.randn(B, N, K, requires_grad=True)
     teacher = torch.softmax(torch.randn(B, N, K), dim=-1)
     dense = ref.ibot_patch_loss(student, teacher, masks, student_temp=0.1)
+    # fp32, another order of the same sums: rtol 1e-5 (~80 ulps; measured 1.3e-7)
     torch.testing.assert_close(dense, dinov2_ibot_forward(student, teacher, masks, 0.1), rtol=1e-5, atol=1e-6)
     masked = ref.ibot_patch_loss(student[masks], teacher[masks], masks, student_temp=0.1)
     torch.testing.assert_close(masked, dense)
     (g_dense,) = torch.autograd.grad(dense, student)
     (g_ref,) = torch.autograd.grad(dinov2_ibot_forward(student, teacher, masks, 0.1), student)
+    # gradient entries down to ~1e-7 (softmax tails / B n_masked): rtol 1e-5, atol 1e-8 (measured 9e-8
+    # absolute at 1e-6 relative)
     torch.testing.assert_close(g_dense, g_ref, rtol=1e-5, atol=1e-8)
 
 
@@ -192,16 +214,22 @@ def test_ibot_spatial_masks():
     )
 
 
-def test_ibot_bad_input():
-    masks = torch.tensor([[True, False], [True, True]])
-    with pytest.raises(ValueError, match="masks must be a bool"):
-        ref.ibot_patch_loss(torch.randn(3, 4), torch.randn(3, 4), masks.long())
-    with pytest.raises(ValueError, match="3 True entries"):
-        ref.ibot_patch_loss(torch.randn(2, 4), torch.randn(2, 4), masks)
-    with pytest.raises(ValueError, match="teacher_patch_probs has"):
-        ref.ibot_patch_loss(torch.randn(3, 4), torch.randn(3, 5), masks)
-    with pytest.raises(ValueError, match=r"\(B, N, K\) = \(2, 2, K\)"):
-        ref.ibot_patch_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), masks)
+MASKS_3 = torch.tensor([[True, False], [True, True]])  # 3 masked patches of 2 images
+
+
+@pytest.mark.parametrize("call,match", [
+    pytest.param(lambda: ref.ibot_patch_loss(torch.randn(3, 4), torch.randn(3, 4), MASKS_3.long()),
+                 "masks must be a bool", id="mask-dtype"),
+    pytest.param(lambda: ref.ibot_patch_loss(torch.randn(2, 4), torch.randn(2, 4), MASKS_3), "3 True entries",
+                 id="rows"),
+    pytest.param(lambda: ref.ibot_patch_loss(torch.randn(3, 4), torch.randn(3, 5), MASKS_3), "teacher_patch_probs has",
+                 id="teacher-K"),
+    pytest.param(lambda: ref.ibot_patch_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), MASKS_3),
+                 r"\(B, N, K\) = \(2, 2, K\)", id="dense-N"),
+])
+def test_ibot_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 # ---- koleo_loss ---------------------------------------------------------------------------------
@@ -223,18 +251,19 @@ def koleo_brute_force(x, eps=1e-8):
 @pytest.mark.parametrize("B,D", [(2, 3), (3, 64), (17, 384), (40, 10)])
 def test_koleo_equals_brute_force(B, D):
     x = torch.randn(B, D, dtype=torch.float64).float()
-    assert ref.koleo_loss(x).item() == pytest.approx(koleo_brute_force(x), rel=1e-5)
+    # the same fp32 normalise / dot / norm, batched vs one row at a time: rel 1e-6 (measured 4e-8)
+    assert ref.koleo_loss(x).item() == pytest.approx(koleo_brute_force(x), rel=1e-6)
 
 
 def test_koleo_hand_computed_and_duplicates():
     # orthonormal rows: every nearest neighbour is at distance sqrt(2)
     x = torch.eye(3) * torch.tensor([[2.0], [0.5], [7.0]])
-    assert ref.koleo_loss(x).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-6)
+    assert ref.koleo_loss(x).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-6)  # fp32: measured 8e-8
     # a duplicated row has distance ||eps * 1|| = eps * sqrt(D), as nn.PairwiseDistance computes it
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     d = 1e-8 * math.sqrt(2)
     expected = (-math.log(d + 1e-8) * 2 - math.log(math.sqrt(2))) / 3
-    assert ref.koleo_loss(x).item() == pytest.approx(expected, rel=1e-5)
+    assert ref.koleo_loss(x).item() == pytest.approx(expected, rel=1e-6)  # fp32: measured 9e-9
 
 
 def test_koleo_matches_lightly_formula():
@@ -246,13 +275,14 @@ def test_koleo_matches_lightly_formula():
     torch.testing.assert_close(ref.koleo_loss(x), -(dist + 1e-8).log().mean())
 
 
-def test_koleo_bad_input():
-    with pytest.raises(ValueError, match="at least 2 rows"):
-        ref.koleo_loss(torch.randn(1, 8))
-    with pytest.raises(ValueError, match="x must be 2-D"):
-        ref.koleo_loss(torch.randn(2, 3, 8))
-    with pytest.raises(ValueError, match="x must be float"):
-        ref.koleo_loss(torch.ones(4, 8, dtype=torch.int32))
+@pytest.mark.parametrize("x,match", [
+    pytest.param(torch.randn(1, 8), "at least 2 rows", id="one-row"),
+    pytest.param(torch.randn(2, 3, 8), "x must be 2-D", id="3-d"),
+    pytest.param(torch.ones(4, 8, dtype=torch.int32), "x must be float", id="int"),
+])
+def test_koleo_bad_input(x, match):
+    with pytest.raises(ValueError, match=match):
+        ref.koleo_loss(x)
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -272,34 +302,43 @@ def test_attention_matches_per_head_loop(B, H, N, D):
     for b in range(B):
         for h in range(H):
             w = torch.softmax(q[b, h] @ k[b, h].t() * 0.3, dim=-1)
-            torch.testing.assert_close(out[b, h], w @ v[b, h], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        ref.attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5
-    )
-    assert ref.attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).dtype == torch.bfloat16
+            torch.testing.assert_close(out[b, h], w @ v[b, h])  # batched vs per head: fp32 defaults
+    torch.testing.assert_close(ref.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))  # fp32 defaults
+    # bf16 inputs: fp32 math and one rounding of the output to bf16 (unit roundoff eps / 2 = 2^-8), against
+    # fp64 on the same rounded inputs; atol 1e-5 covers the fp32 error (~1e-7 on outputs of O(1))
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    out = ref.attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    exact = torch.softmax(q.double() @ k.double().transpose(-2, -1) * D**-0.5, dim=-1) @ v.double()
+    torch.testing.assert_close(out.double(), exact, rtol=torch.finfo(torch.bfloat16).eps / 2, atol=1e-5)
 
 
-def test_attention_bad_input():
-    with pytest.raises(ValueError, match="q must be 4-D"):
-        ref.attention(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match="share one"):
-        ref.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
-    with pytest.raises(ValueError, match="v must be float"):
-        ref.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.ones(1, 2, 5, 8, dtype=torch.long))
+@pytest.mark.parametrize("shapes,v_dtype,match", [
+    pytest.param([(2, 5, 8)] * 3, torch.float32, "q must be 4-D", id="3-d"),
+    pytest.param([(1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)], torch.float32, "share one", id="lengths"),
+    pytest.param([(1, 2, 5, 8)] * 3, torch.long, "v must be float", id="v-int"),
+])
+def test_attention_bad_input(shapes, v_dtype, match):
+    q, k, v = (torch.ones(shape) for shape in shapes)
+    with pytest.raises(ValueError, match=match):
+        ref.attention(q, k, v.to(v_dtype))
 
 
 # ---- shared argument checks ---------------------------------------------------------------------
 
-def test_teacher_ops_bad_input():
-    with pytest.raises(ValueError, match="center has 3 elements"):
-        ref.softmax_center_teacher(torch.randn(2, 4), torch.zeros(3), 0.04)
-    with pytest.raises(ValueError, match="teacher_temp must be > 0"):
-        ref.softmax_center_teacher(torch.randn(2, 4), torch.zeros(4), 0.0)
-    with pytest.raises(ValueError, match="teacher_logits must be 2-D"):
-        ref.sinkhorn_knopp_teacher(torch.randn(4), 0.04)
-    with pytest.raises(ValueError, match="n_iterations"):
-        ref.sinkhorn_knopp_teacher(torch.randn(2, 4), 0.04, n_iterations=0)
-    with pytest.raises(ValueError, match="teacher_logits is empty"):
-        ref.update_center(torch.zeros(4), torch.randn(0, 4), 0.9)
-    with pytest.raises(ValueError, match="momentum"):
-        ref.update_center(torch.zeros(4), torch.randn(2, 4), 1.5)
+@pytest.mark.parametrize("call,match", [
+    pytest.param(lambda: ref.softmax_center_teacher(torch.randn(2, 4), torch.zeros(3), 0.04), "center has 3 elements",
+                 id="center-size"),
+    pytest.param(lambda: ref.softmax_center_teacher(torch.randn(2, 4), torch.zeros(4), 0.0), "teacher_temp must be > 0",
+                 id="temp"),
+    pytest.param(lambda: ref.sinkhorn_knopp_teacher(torch.randn(4), 0.04), "teacher_logits must be 2-D",
+                 id="sinkhorn-1d"),
+    pytest.param(lambda: ref.sinkhorn_knopp_teacher(torch.randn(2, 4), 0.04, n_iterations=0), "n_iterations",
+                 id="sinkhorn-iterations"),
+    pytest.param(lambda: ref.update_center(torch.zeros(4), torch.randn(0, 4), 0.9), "teacher_logits is empty",
+                 id="no-rows"),
+    pytest.param(lambda: ref.update_center(torch.zeros(4), torch.randn(2, 4), 1.5), "momentum", id="momentum"),
+])
+def test_teacher_ops_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
