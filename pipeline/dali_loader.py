@@ -268,7 +268,7 @@ class _DaliBase(ShardLoader):
             reason = check_decodes(self.reader.image(int(i)))
             if reason:
                 return ShardError(f"{self.table.where(int(i))}: undecodable image ({reason})")
-        keys = ", ".join(self.table.keys[int(i)] for i in ids[:8])
+        keys = ", ".join(self.table.key(int(i)) for i in ids[:8])
         return RuntimeError(f"DALI failed on a batch of samples {keys}{' ...' if len(ids) > 8 else ''}: {error}")
 
     def _to_torch(self, outputs, n: int, size: int, target: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,12 +5,19 @@ A shard is a plain (uncompressed) tar whose members `<key>.<ext>` group into sam
 is the first of `IMAGE_EXTS` present; `<key>.cls` holds the integer label as ASCII. Each shard can
 have a DALI index file beside it (`train-000000.tar` -> `train-000000.idx`, format v1.2 as written by
 DALI's `wds2idx`), which the loaders read instead of scanning the tar.
+
+The loaders' SampleTable reads one number per shard when built, its sample count (from make-shards'
+manifest.json where it still matches the file's size and mtime, else the index file's first line), and
+a shard's index only when one of its samples is read, keeping the last MAX_CACHED_SHARDS of them. Built
+over S shards of N samples it holds O(S) (paths, counts, cumulative starts), not O(N): ~115 bytes a
+shard, plus ~70 bytes a sample of each cached index.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import mmap
 import os
 import random
@@ -19,7 +26,6 @@ import tarfile
 import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,9 @@ SOURCE_EXTS = {"." + e for e in IMAGE_EXTS} | {".gif", ".ppm", ".pgm"}
 LABEL_EXT = "cls"
 INDEX_VERSION = "v1.2"
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dinotron-shards-1"
+
+log = logging.getLogger(__name__)
 
 
 class ShardError(ValueError):
@@ -154,65 +163,215 @@ def read_index(shard: str):
 # ----------------------------------------------------------------------------------------------
 # The sample table the loaders read from
 
+# Shards a table keeps the index of, as SampleReader keeps 256 shards open: ~18 MB of index text at 1,000 samples a
+# shard. Under a global shuffle nearly every sample misses (a batch of 256 touches ~256 shards), so misses are made
+# cheap (one file read and a newline search, ~25 us for 1,000 samples) rather than rare.
+MAX_CACHED_SHARDS = 256
+# Where a shard's count came from (SampleTable.sources holds the position), named when its index later disagrees.
+COUNT_SOURCES = ("manifest.json", "index file", "tar scan")
+_FROM_MANIFEST, _FROM_INDEX, _FROM_TAR = range(3)
 
-@dataclass
-class SampleTable:
-    """Every sample of a shard list, in shard order: where its image (and label) bytes are.
 
-    Arrays have one row per sample; label_off is -1 where a sample has no label.
-    """
+def _manifest_shards(directory: str, seen: dict) -> dict[str, tuple[dict, bool]]:
+    """{shard file name: (its entry, labelled)} of `directory`/manifest.json ({} without one), cached in `seen`."""
+    if directory not in seen:
+        shards = {}
+        try:
+            manifest = json.loads(Path(directory or ".", MANIFEST).read_text())
+            if manifest.get("format") == MANIFEST_FORMAT:
+                for entry in manifest["prefixes"].values():
+                    shards.update({s["path"]: (s, bool(entry["labelled"])) for s in entry["shards"]})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, not JSON, or not ours
+            shards = {}
+        seen[directory] = shards
+    return seen[directory]
 
-    shards: list[str]
-    shard: np.ndarray  # (N,) int32 shard number
-    keys: list[str]
-    image_off: np.ndarray  # (N,) int64
-    image_size: np.ndarray  # (N,) int64
-    label_off: np.ndarray  # (N,) int64
-    label_size: np.ndarray  # (N,) int64
 
-    def __len__(self) -> int:
-        return len(self.keys)
+def _index_count(shard: str) -> int | None:
+    """The sample count on the first line of the shard's index file; None when it is absent or not v1.2."""
+    try:
+        with open(index_path(shard), "rb") as f:
+            head = f.readline(64).split()
+    except OSError:
+        return None
+    if len(head) != 2 or head[0] != INDEX_VERSION.encode() or not head[1].isdigit():
+        return None
+    return int(head[1])
 
-    @property
-    def labelled(self) -> bool:
-        return bool(len(self.label_off)) and bool(self.label_off[0] >= 0)
 
-    def where(self, i: int) -> str:
-        return f"shard {self.shards[self.shard[i]]}, sample {self.keys[i]!r}"
+class _IndexLines:
+    """A shard's index file, held as its text and line ends; lines[j] parses sample j's line when asked:
+    [(ext, offset, size, member name), ...], or None where the line is malformed or points past the end of the tar."""
+
+    def __init__(self, data: bytes, shard_bytes: int):
+        self.data = data if data.endswith(b"\n") else data + b"\n"
+        self.ends = np.flatnonzero(np.frombuffer(self.data, np.uint8) == ord("\n"))  # ends[0] closes the header
+        self.shard_bytes = shard_bytes
 
     @classmethod
-    def from_shards(cls, shards) -> SampleTable:
-        """Read index files (or scan tars) of `shards` (paths or patterns); checks that every sample has an image and
-        that labels are on all samples or none."""
+    def read(cls, shard: str) -> _IndexLines | None:
+        """The shard's index, or None where read_index would return None: absent, not v1.2, a count that is not its
+        line count, or (checked on the last line only; the others when read) a sample past the end of the tar."""
+        try:
+            with open(index_path(shard), "rb") as f:
+                lines = cls(f.read(), os.path.getsize(shard))
+        except OSError:
+            return None
+        head = lines.data[:lines.ends[0]].split()
+        if len(head) != 2 or head[0] != INDEX_VERSION.encode() or not head[1].isdigit() or int(head[1]) != len(lines):
+            return None
+        return lines if len(lines) and lines[len(lines) - 1] is not None else None
+
+    def __len__(self) -> int:
+        return len(self.ends) - 1
+
+    def __getitem__(self, j: int) -> list[tuple[str, int, int, str]] | None:
+        tok = self.data[self.ends[j] + 1:self.ends[j + 1]].split()
+        if not tok or len(tok) % 4:
+            return None
+        try:
+            comps = [(tok[k].decode(), int(tok[k + 1]), int(tok[k + 2]), tok[k + 3].decode())
+                     for k in range(0, len(tok), 4)]
+        except ValueError:  # not a number, or not UTF-8
+            return None
+        return None if any(off + n > self.shard_bytes for _, off, n, _ in comps) else comps
+
+
+class SampleTable:
+    """The samples of a shard list, in shard order: a count per shard up front, a shard's index when first needed.
+
+    Global sample i is sample j of shard s, where starts[s] <= i < starts[s + 1] = starts[s] + counts[s]; sources[s]
+    says where counts[s] came from (a position in COUNT_SOURCES). Built by `from_shards`; picklable (without its
+    cache). Memory: O(S) for S shards, plus at most `max_cached_shards` indexes (~70 bytes a sample). A sample's
+    line is parsed each time it is read: ~5 us from a cached index, ~25 us more on a miss (1,000-sample shards).
+    """
+
+    def __init__(self, shards: list[str], counts: np.ndarray, sources: np.ndarray,
+                 max_cached_shards: int = MAX_CACHED_SHARDS):
+        if max_cached_shards < 1:
+            raise ValueError(f"max_cached_shards must be >= 1, got {max_cached_shards}")
+        self.shards, self.counts, self.sources = shards, counts, sources
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (S + 1,)
+        self.max_cached_shards = max_cached_shards
+        self.labelled = False  # set by from_shards: whether samples carry a .cls label (all of them, or none)
+        self._cache: OrderedDict[int, _IndexLines | list] = OrderedDict()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _cache=OrderedDict())
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @classmethod
+    def from_shards(cls, shards, max_cached_shards: int = MAX_CACHED_SHARDS) -> SampleTable:
+        """The table of `shards` (paths or patterns), reading one count per shard: from the manifest.json beside it
+        when its entry matches the file's size and modification time (a copy that kept neither, or a shard written
+        since, falls back), else from the first line of its index file, else (no usable index) from a scan of the
+        tar's headers. `labelled` comes from the manifest, else from the first shard, whose every sample is checked
+        here; other shards' samples are checked when read (an image, and a label where others have one).
+        """
         paths = expand_shards(shards)
-        shard, keys, ioff, isize, loff, lsize = [], [], [], [], [], []
+        counts, sources = np.zeros(len(paths), np.int64), np.zeros(len(paths), np.uint8)
+        labelled = np.full(len(paths), -1, np.int8)  # from the manifest: 1 / 0, or -1 where it does not say
+        manifests, scanned = {}, {}
         for s, path in enumerate(paths):
-            samples = read_index(path)
-            if samples is None:
-                samples = scan_tar(path)
-            if not samples:
+            entry, has_labels = _manifest_shards(os.path.dirname(path), manifests).get(os.path.basename(path),
+                                                                                      (None, False))
+            n, stat = None, os.stat(path)
+            fits = entry and (entry.get("bytes"), entry.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+            if fits and isinstance(entry.get("count"), int):
+                n, sources[s], labelled[s] = entry["count"], _FROM_MANIFEST, has_labels
+            if n is None:
+                n, sources[s] = _index_count(path), _FROM_INDEX
+            if n is None:
+                samples, sources[s] = scan_tar(path), _FROM_TAR
+                n = len(samples)
+                if len(scanned) < max_cached_shards:
+                    scanned[s] = samples
+            if n < 1:
                 raise ShardError(f"{path}: no samples (empty tar)")
-            for comps in samples:
-                by_ext = {ext: (off, n) for ext, off, n, _ in comps}
-                key = split_name(comps[0][3])[0]
-                image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
-                if image is None:
-                    raise ShardError(f"shard {path}, sample {key!r}: no image component "
-                                     f"(one of .{', .'.join(IMAGE_EXTS)}); has {sorted(by_ext)}")
-                label = by_ext.get(LABEL_EXT, (-1, 0))
-                shard.append(s)
-                keys.append(key)
-                ioff.append(image[0])
-                isize.append(image[1])
-                loff.append(label[0])
-                lsize.append(label[1])
-        table = cls(paths, np.array(shard, np.int32), keys, np.array(ioff, np.int64), np.array(isize, np.int64),
-                    np.array(loff, np.int64), np.array(lsize, np.int64))
-        has = table.label_off >= 0
-        if has.any() and not has.all():
-            i = int(np.argmin(has) if has[0] else np.argmax(has))
-            raise ShardError(f"{table.where(i)}: labels (.cls) are on some samples but not all")
+            counts[s] = n
+        if scanned:
+            log.debug("%d of %d shards have no usable index file (.idx): their tars were scanned (`dinotron "
+                      "check-shards` writes the index files)", int((sources == _FROM_TAR).sum()), len(paths))
+        table = cls(paths, counts, sources, max_cached_shards)
+        table._cache.update(scanned)
+        if labelled[0] >= 0:
+            table.labelled = bool(labelled[0])
+        else:
+            table.labelled = any(ext == LABEL_EXT for ext, *_ in table._components(0, 0))
+            table._check_shard(0)
+        for s in np.flatnonzero((labelled >= 0) & (labelled != table.labelled)):
+            table._check_shard(int(s))  # raises, naming its first sample, unless the manifest was wrong
         return table
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard number s, sample number j within it) of sample i."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} is out of range: the shards hold {len(self)} samples")
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return s, i - int(self.starts[s])
+
+    def sample(self, i: int) -> tuple[int, int, int, int, int]:
+        """(shard number, image offset, image size, label offset, label size) of sample i; label offset -1 where the
+        shards are unlabelled. ShardError naming the sample where it has no image or breaks `labelled`."""
+        s, j = self.locate(i)
+        return (s, *self._checked_sample(s, j))
+
+    def key(self, i: int) -> str:
+        s, j = self.locate(i)
+        return split_name(self._components(s, j)[0][3])[0]
+
+    def where(self, i: int) -> str:
+        return f"shard {self.shards[self.locate(i)[0]]}, sample {self.key(i)!r}"
+
+    def cached_shards(self) -> list[int]:
+        """Shard numbers whose index is held, least recently used first."""
+        return list(self._cache)
+
+    def _checked_sample(self, s: int, j: int) -> tuple[int, int, int, int]:
+        comps = self._components(s, j)
+        by_ext = {ext: (off, n) for ext, off, n, _ in comps}
+        image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
+        if image is None:
+            raise ShardError(f"shard {self.shards[s]}, sample {split_name(comps[0][3])[0]!r}: no image component "
+                             f"(one of .{', .'.join(IMAGE_EXTS)}); has {sorted(by_ext)}")
+        label = by_ext.get(LABEL_EXT, (-1, 0))
+        if (label[0] >= 0) != self.labelled:
+            raise ShardError(f"shard {self.shards[s]}, sample {split_name(comps[0][3])[0]!r}: labels (.cls) are on "
+                             "some samples but not all")
+        return image[0], image[1], label[0], label[1]
+
+    def _check_shard(self, s: int) -> None:
+        for j in range(int(self.counts[s])):
+            self._checked_sample(s, j)
+
+    def _components(self, s: int, j: int) -> list[tuple[str, int, int, str]]:
+        """Sample j of shard s as [(ext, offset, size, member name), ...], loading the shard's index on a miss."""
+        samples = self._cache.get(s)
+        if samples is None:
+            if len(self._cache) >= self.max_cached_shards:
+                self._cache.popitem(last=False)
+            samples = _IndexLines.read(self.shards[s])
+            samples = self._cache[s] = self._counted(s, scan_tar(self.shards[s]) if samples is None else samples)
+        else:
+            self._cache.move_to_end(s)
+        comps = samples[j]
+        if comps is None:  # a line read_index would reject, which makes its callers read the tar: so do we
+            samples = self._cache[s] = self._counted(s, scan_tar(self.shards[s]))
+            comps = samples[j]
+        return comps
+
+    def _counted(self, s: int, samples):
+        if len(samples) != self.counts[s]:
+            raise ShardError(f"{self.shards[s]}: has {len(samples)} samples, but its {COUNT_SOURCES[self.sources[s]]} "
+                             f"gave {self.counts[s]} when the loader was built: the manifest.json or index file is "
+                             "stale, or the shard changed since (rewrite them with make-shards, or delete the .idx and "
+                             "run check-shards)")
+        return samples
 
 
 class SampleReader:
@@ -248,16 +407,16 @@ class SampleReader:
 
     def image(self, i: int) -> np.ndarray:
         """The encoded image of sample i: a read-only uint8 view."""
-        t = self.table
-        return self._read(int(t.shard[i]), int(t.image_off[i]), int(t.image_size[i]), i)
+        s, off, size, _, _ = self.table.sample(i)
+        return self._read(s, off, size, i)
 
     def label(self, i: int) -> int:
-        t = self.table
-        raw = self._read(int(t.shard[i]), int(t.label_off[i]), int(t.label_size[i]), i).tobytes()
+        s, _, _, off, size = self.table.sample(i)
+        raw = self._read(s, off, size, i).tobytes()
         try:
             return int(raw.decode().strip())
         except ValueError as e:
-            raise ShardError(f"{t.where(i)}: .cls is not an integer ({raw[:20]!r})") from e
+            raise ShardError(f"{self.table.where(i)}: .cls is not an integer ({raw[:20]!r})") from e
 
     def labels(self, ids) -> np.ndarray | None:
         if not self.table.labelled:
@@ -460,7 +619,8 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shu
     for s in shards:
         shard_path = out / s["path"]
         s["index"] = Path(write_index(str(shard_path))).name
-        s["bytes"] = shard_path.stat().st_size
+        stat = shard_path.stat()
+        s["bytes"], s["mtime_ns"] = stat.st_size, stat.st_mtime_ns  # the loaders trust "count" while both match
         s["sha256"] = _sha256(shard_path)
 
     entry = {
@@ -476,7 +636,7 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shu
         "skipped": skipped,
     }
     manifest_path = out / MANIFEST
-    manifest = {"format": "dinotron-shards-1", "prefixes": {}}
+    manifest = {"format": MANIFEST_FORMAT, "prefixes": {}}
     if manifest_path.exists():
         try:
             old = json.loads(manifest_path.read_text())

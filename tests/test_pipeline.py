@@ -6,7 +6,9 @@ Tiny images and few samples keep the suite fast; GPU-only checks are marked `gpu
 
 Oracles: sample ids carried in .cls (order, sharding, resume), solid colours of known value, torchvision's
 functional ops (DALI's colour jitter), plain PIL + torchvision (`helpers.eval_oracle`, the evaluation
-transform), the torchvision loader (DALI's crops, from the same parameters).
+transform), the torchvision loader (DALI's crops, from the same parameters). The lazy sample table: tarfile
+alone (`helpers.read_tar`, every sample's shard, key, bytes and label), the epoch order as computed before it
+(transcribed), an OrderedDict LRU (its index cache), and the files it opens (nothing a sample when built).
 
 Tolerances, in normalised units (one grey level is 1 / 255 / std = 0.0171-0.0175), measured on this file's
 fixed inputs with DALI 2.4.0, torchvision 0.29.1, Pillow 13.0 on CPU:
@@ -17,12 +19,17 @@ fixed inputs with DALI 2.4.0, torchvision 0.29.1, Pillow 13.0 on CPU:
 - colour jitter: 3 levels, one per uint8 rounding step (after brightness, contrast, saturation).
 Each constant below says what it was measured at and its margin.
 """
+import builtins
 import hashlib
 import io
 import json
 import logging
+import os
+import pickle
+import shutil
 import tarfile
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +49,14 @@ from dinotron.pipeline import (
     check_shards,
     dali_loader,
     expand_shards,
+    write_index,
     write_shards,
 )
 from dinotron.pipeline import augment as A
-from dinotron.pipeline.shards import read_index, scan_tar
+from dinotron.pipeline.loader import ShardLoader
+from dinotron.pipeline.shards import COUNT_SOURCES, SampleReader, SampleTable, read_index, scan_tar
 from dinotron.train.cli import main as cli
-from helpers import eval_oracle, requires_dali
+from helpers import eval_oracle, read_tar, requires_dali
 
 LOADERS = {"dali": MultiCropLoader, "torchvision": TorchvisionMultiCropLoader}
 # Loader cases: DALI skips where it is not installed; each asserts the backend that ran.
@@ -273,6 +282,206 @@ def test_unlabelled_and_mixed_labels(tmp_path):
     no_image = tar_samples(tmp_path / "n.tar", [("k0", {"jpg": img}), ("k1", {"txt": b"x"})])
     with pytest.raises(ShardError, match="n.tar, sample 'k1': no image"):  # the shared sample table's check
         TorchvisionMultiCropLoader(no_image, 1)
+
+
+# ---------------------------------------------------------------------------------------------- sample table
+
+
+@pytest.fixture(scope="module")
+def made_shards(tmp_path_factory):
+    """make-shards output: 121 tiny images in 3 classes, 2 a shard -> 61 shards, their indexes and manifest.json."""
+    src = tmp_path_factory.mktemp("many-src")
+    rng = np.random.default_rng(6)
+    for i in range(121):
+        (src / f"class{i % 3}").mkdir(exist_ok=True)
+        (src / f"class{i % 3}" / f"{i:03d}.jpg").write_bytes(jpeg(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+    out = tmp_path_factory.mktemp("many")
+    write_shards(src, out, shard_size=2, prefix="train", workers=1, progress=False)
+    return out, sorted(str(p) for p in out.glob("train-*.tar"))
+
+
+def id_tars(folder: Path, counts, *, index: bool, labelled: bool = True) -> list[str]:
+    """Plain tars, shard s holding counts[s] samples; a sample's key, image bytes and .cls name its number."""
+    folder.mkdir(exist_ok=True)
+    paths, n = [], 0
+    for s, count in enumerate(counts):
+        samples = []
+        for _ in range(count):
+            comps = {"jpg": b"\xff\xd8" + str(n).encode(), "cls": str(n).encode()}
+            samples.append((f"d/k{n:04d}", comps if labelled else {"jpg": comps["jpg"]}))
+            n += 1
+        paths.append(tar_samples(folder / f"ids-{s:03d}.tar", samples))
+        if index:
+            write_index(paths[-1])
+    return paths
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """The paths opened through open() or io.open() (which pathlib calls) from here on; tarfile keeps its own."""
+    paths, real = [], io.open
+
+    def spy(file, *args, **kwargs):
+        paths.append(str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", spy)
+    monkeypatch.setattr(builtins, "open", spy)
+    return paths
+
+
+def no_tar_scan(*_):
+    raise AssertionError("scan_tar called")
+
+
+def test_loader_is_built_from_counts_alone(made_shards, tmp_path, opened, monkeypatch):
+    """A loader over many shards reads manifest.json (or each index file's first line, and the first shard's index
+    where there is no manifest): no sample up front, no tar, and every structure it holds is one entry a shard."""
+    out, paths = made_shards
+    monkeypatch.setattr("dinotron.pipeline.shards.scan_tar", no_tar_scan)
+    opened.clear()
+    loader = TorchvisionMultiCropLoader(paths, 4, num_threads=0)
+    assert loader.backend == "torchvision" and len(loader.table) == 121 and loader.table.labelled
+    assert [Path(p).name for p in opened] == ["manifest.json"]
+    table = loader.table
+    assert table.cached_shards() == [] and {COUNT_SOURCES[k] for k in table.sources} == {"manifest.json"}
+    for name, value in vars(table).items():  # O(shards), nothing a sample
+        assert not isinstance(value, (np.ndarray, list, dict)) or len(value) <= len(paths) + 1, name
+
+    bare = tmp_path / "bare"  # the same shards and indexes without manifest.json
+    bare.mkdir()
+    for p in paths:
+        for f in (Path(p), Path(p).with_suffix(".idx")):
+            (bare / f.name).symlink_to(f)
+    opened.clear()
+    table = TorchvisionMultiCropLoader(str(bare / "train-*.tar"), 4, num_threads=0).table
+    idx = [Path(p).name for p in opened if p.endswith(".idx")]
+    assert len(idx) == len(paths) + 1 and len(set(idx)) == len(paths)  # every first line, and shard 0 in full
+    assert not [p for p in opened if p.endswith(".tar")] and table.cached_shards() == [0]
+    assert {COUNT_SOURCES[k] for k in table.sources} == {"index file"} and len(table) == 121
+
+
+def tar_oracle(paths: list[str]) -> list[tuple[str, str, dict[str, bytes]]]:
+    """Every sample of `paths` in order, read with tarfile alone: [(shard, key, {ext: bytes})]."""
+    return [(p, key, comps) for p in paths for key, comps in read_tar(p)]
+
+
+@pytest.mark.parametrize("source", ["manifest.json", "index file", "tar scan", "mixed"])
+def test_lazy_table_reads_every_sample_right(source, made_shards, tmp_path):
+    """Each sample's shard, key, image bytes and label, read in a random order through a 3-shard cache, are what
+    tarfile reads; counts come from the source asked for."""
+    counts = np.random.default_rng(8).integers(1, 6, 40)  # 40 shards of 1-5 samples
+    if source == "manifest.json":
+        paths = made_shards[1]
+    elif source == "mixed":  # three folders, three sources
+        paths = made_shards[1][:7] + id_tars(tmp_path / "i", [3, 1, 4], index=True)
+        paths += id_tars(tmp_path / "t", [2, 5], index=False)
+    else:
+        paths = id_tars(tmp_path / "s", counts, index=source == "index file")
+    table = SampleTable.from_shards(paths, max_cached_shards=3)
+    reader = SampleReader(table)
+    expected = {"mixed": {"manifest.json", "index file", "tar scan"}}.get(source, {source})
+    assert {COUNT_SOURCES[k] for k in table.sources} == expected
+    oracle = tar_oracle(paths)
+    assert len(table) == len(oracle) and table.labelled
+    for i in np.random.default_rng(9).permutation(len(oracle)).tolist():
+        path, key, comps = oracle[i]
+        assert table.where(i) == f"shard {path}, sample {key!r}" and table.key(i) == key
+        assert reader.image(i).tobytes() == comps["jpg"] and reader.label(i) == int(comps["cls"])
+        assert len(table.cached_shards()) <= 3
+    with pytest.raises(IndexError, match="out of range"):
+        table.sample(len(oracle))
+
+
+@pytest.mark.parametrize("shuffle,drop_last", [(True, True), (True, False), (False, True), (False, False)])
+def test_epoch_order_is_the_eager_one(shuffle, drop_last, made_shards):
+    """Oracle: the order as it was computed before the lazy table, transcribed (one permutation of all N samples per
+    epoch; rank r takes every R-th, or the r-th block unshuffled)."""
+    paths = made_shards[1]
+    n = 121
+    for r in (1, 2, 3, 8):
+        for k in range(r):
+            loader = ShardLoader(paths, 2, seed=3, shard_id=k, num_shards=r, shuffle=shuffle, drop_last=drop_last)
+            for epoch in (0, 1):
+                if shuffle:
+                    order = np.random.default_rng([3, epoch, 0x5EED]).permutation(n)
+                    order = order[: n // r * r][k::r] if drop_last else order[k::r]
+                else:
+                    order = np.array_split(np.arange(n), r)[k]
+                    order = order[: n // r] if drop_last else order
+                order = order[: loader.num_samples()]
+                got = loader.epoch_order(epoch)
+                assert got.dtype == np.int64 and np.array_equal(got, order), (r, k, epoch)
+
+
+def test_index_cache_is_a_bounded_lru(tmp_path, opened):
+    """Shard indexes are read on a miss and dropped least recently used first, never more than max_cached_shards
+    held; oracle: an OrderedDict LRU of the shard each read sample lives in."""
+    paths = id_tars(tmp_path, [3] * 12, index=True)
+    table = SampleTable.from_shards(paths, max_cached_shards=4)
+    reader = SampleReader(table, max_open=2)
+    model = OrderedDict.fromkeys(table.cached_shards())
+    opened.clear()
+    misses = 0
+    for i in np.random.default_rng(10).permutation(36).tolist():
+        if i // 3 in model:
+            model.move_to_end(i // 3)
+        else:
+            misses, model[i // 3] = misses + 1, None
+            if len(model) > 4:
+                model.popitem(last=False)
+        assert reader.label(i) == i and table.cached_shards() == list(model)
+    assert len([p for p in opened if p.endswith(".idx")]) == misses > 12  # each shard read again after eviction
+    assert pickle.loads(pickle.dumps(reader)).table.cached_shards() == []  # workers start with an empty cache
+    with pytest.raises(ValueError, match="max_cached_shards"):
+        SampleTable.from_shards(paths, max_cached_shards=0)
+
+
+def test_stale_counts_fall_back_or_fail(made_shards, tmp_path):
+    """A shard rewritten after make-shards (here the same size: tar pads to 10 KiB records) or touched is counted from
+    its index file; a manifest count that the size and mtime checks cannot catch fails, naming the shard, when the
+    shard is read: never a wrong sample."""
+    out = tmp_path / "copy"
+    shutil.copytree(made_shards[0], out)
+    samples = read_tar(str(out / "train-000005.tar"))
+    tar_samples(out / "train-000005.tar", samples + [("extra", samples[0][1])])
+    write_index(str(out / "train-000005.tar"))
+    os.utime(out / "train-000009.tar")  # as a copy that does not keep modification times: same size, new mtime
+    paths = sorted(str(p) for p in out.glob("train-*.tar"))
+    table = SampleTable.from_shards(paths)
+    sources = [COUNT_SOURCES[k] for k in table.sources]
+    assert sources[4:7] == ["manifest.json", "index file", "manifest.json"] and sources[9] == "index file"
+    assert sources.count("manifest.json") == len(paths) - 2  # copytree keeps mtimes
+    reader, oracle = SampleReader(table), tar_oracle(paths)
+    assert len(table) == len(oracle) == 122
+    for i, (path, key, comps) in enumerate(oracle):
+        assert table.where(i) == f"shard {path}, sample {key!r}" and reader.image(i).tobytes() == comps["jpg"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["prefixes"]["train"]["shards"][7]["count"] = 3  # the file's size still matches
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    table = SampleTable.from_shards(paths)
+    assert len(table) == 123
+    table.sample(int(table.starts[7]) - 1)  # shard 6 reads fine
+    with pytest.raises(ShardError, match=r"train-000007.tar: has 2 samples, but its manifest.json gave 3"):
+        table.sample(int(table.starts[7]))
+
+
+def test_labels_on_some_shards_only(made_shards, folder, tmp_path):
+    """Labelled and unlabelled shards in one list: from the manifests, an error at construction naming the first
+    unlabelled sample; from index files, an error naming the sample when it is read."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted((folder / "class0").glob("*.jpg"))[:3]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    write_shards(flat, tmp_path / "u", shard_size=2, prefix="u", workers=1, progress=False)
+    with pytest.raises(ShardError, match=r"u-000000.tar, sample 'img_\d': labels \(.cls\) are on some samples but not"):
+        SampleTable.from_shards(made_shards[1] + [str(tmp_path / "u" / "u-{000000..000001}.tar")])
+    paths = id_tars(tmp_path / "a", [2, 2], index=True) + id_tars(tmp_path / "b", [3], index=True, labelled=False)
+    table = SampleTable.from_shards(paths)  # the last shard is not read yet
+    assert table.labelled and table.cached_shards() == [0]
+    with pytest.raises(ShardError, match=r"b/ids-000.tar, sample 'd/k0001': labels \(.cls\) are on some samples"):
+        SampleReader(table).image(5)
 
 
 # ---------------------------------------------------------------------------------------------- recipe
