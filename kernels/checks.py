@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -126,10 +127,23 @@ def check_ibot_loss_input(
     return flat
 
 
-def check_finite_result(name: str, inputs: str, *values: torch.Tensor) -> None:
-    """ValueError if any of `values`, computed from `inputs`, holds NaN or inf. One device-to-host sync."""
-    if not bool(torch.stack([torch.isfinite(v).all() for v in values]).all()):
-        raise ValueError(f"{name} is not finite: {inputs} hold NaN or inf (pass check_finite=False to skip this check)")
+def check_finite_result(name: str, inputs: str, *values: torch.Tensor, all_ranks: bool = False) -> None:
+    """ValueError if any of `values`, computed from `inputs`, holds NaN or inf. One device-to-host sync.
+
+    all_ranks: with torch.distributed initialised, the verdict is all-reduced (a collective: every rank
+    must call it), so that every rank raises or none does, even a rank whose own values are empty; for
+    the ops that all-reduce anyway, whose other ranks would otherwise wait in their next collective.
+    """
+    finite = torch.stack([torch.isfinite(v).all() for v in values]).all()
+    everywhere = all_ranks and dist.is_available() and dist.is_initialized()
+    if everywhere:
+        finite = finite.to(torch.int32)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        where = " on at least one rank" if everywhere else ""
+        raise ValueError(
+            f"{name} is not finite: {inputs} hold NaN or inf{where} (pass check_finite=False to skip this check)"
+        )
 
 
 def check_qkv(q, k, v, layout: str) -> None:

@@ -31,7 +31,6 @@ from dinotron.kernels.checks import (
     check_dino_loss_input,
     check_finite_result,
     check_ibot_loss_input,
-    check_nonempty,
     check_positive,
     check_same_device,
 )
@@ -308,7 +307,8 @@ def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: tor
     student_patch_logits / teacher_patch_probs: dense (B, N, K) (only masked patches count) or
     masked-only (M, K), M = masks.sum(), rows in the order of masks.flatten(1).nonzero().
     loss = -1/B sum_b 1/max(n_b, 1) sum_{masked p of b} sum_k t[p, k] log_softmax(s[p] / student_temp)[k].
-    Returns a float32 scalar. check_finite=False skips the NaN/inf check (one host sync).
+    Returns a float32 scalar. No masked patch (M = 0) gives 0, as dinov2's empty sum, still in the
+    graph of student_patch_logits (a zero gradient). check_finite=False skips the NaN/inf check (one host sync).
     """
     flat = check_ibot_loss_input(student_patch_logits, teacher_patch_probs, masks, student_temp)
     if resolve_backend(backend, student_patch_logits, teacher_patch_probs, masks) == "eager":
@@ -415,6 +415,8 @@ class IBOTPatchLoss(_CenteredTeacher):
     or (B, N) bool. Returns dinov2's iBOT loss, -1/B sum_b 1/n_masked_b sum_{masked p of b} CE,
     as float32, then updates the centre buffer (1, output_dim) with the teacher rows' mean.
     centering="sinkhorn_knopp" uses Sinkhorn-Knopp over the M masked rows (dinov2) instead.
+    M = 0 (no masked patch) gives a loss of 0 with a zero gradient; the centre then moves with the
+    other ranks' rows, or stays put when no rank has one: every rank must call forward each step.
     """
 
     def __init__(self, output_dim: int = 65536, teacher_temp: float = 0.04, student_temp: float = 0.1,
@@ -429,7 +431,6 @@ class IBOTPatchLoss(_CenteredTeacher):
         teacher_temp = self.teacher_temp if teacher_temp is None else teacher_temp
         flat = check_ibot_loss_input(student_out, teacher_out, mask, self.student_temp, ("student_out", "teacher_out"))
         s, t = (student_out[flat], teacher_out[flat]) if student_out.ndim == 3 else (student_out, teacher_out)
-        check_nonempty("teacher_out (masked rows)", t)
         _check_no_teacher_grad([t], "teacher_out")
         eager = resolve_backend(self.backend, s, t, mask, self.center) == "eager"
         with torch.no_grad():

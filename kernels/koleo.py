@@ -285,7 +285,10 @@ class KoLeoFunction(torch.autograd.Function):
 
 def _check_finite(x: torch.Tensor, group) -> None:
     """ValueError if x (on any rank of `group`) holds NaN or inf; the ranks agree, so none is left waiting."""
-    finite = torch.isfinite(torch.stack(torch.aminmax(x))).all()  # one pass: a NaN or inf reaches the min or max
+    if x.numel():  # one pass: a NaN or inf reaches the min or max
+        finite = torch.isfinite(torch.stack(torch.aminmax(x))).all()
+    else:  # no row on this rank (aminmax has no empty case): still join the group's all_reduce
+        finite = torch.ones((), dtype=torch.bool, device=x.device)
     if group is not None:
         finite = finite.to(torch.int32)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
@@ -308,8 +311,10 @@ def koleo_loss(
     x: (B, D) float32/float16/bfloat16, B >= 2 (B >= 1 per rank with a group). Returns a float32
     scalar; gradients flow to x. group: a torch.distributed process group whose ranks' rows are all
     candidate neighbours (dinov3's KoLeoLossDistributed; off by default, as in dinov2); every rank
-    must call it with the same (B, D), and the gradient reaches each row's owner. check_finite=False
-    skips the NaN/inf check, which costs one device-to-host sync.
+    must call it with the same (B, D), and the gradient reaches each row's owner. A rank whose B
+    differs (0 included) makes every rank raise, after the same collectives (the finite check, the
+    shape exchange): none is left waiting. check_finite=False skips the NaN/inf check, which costs one
+    device-to-host sync (and, with a group, one all_reduce).
     """
     reference.check_koleo_input(x, eps, p, group)
     if check_finite:

@@ -3,6 +3,8 @@
 These follow facebookresearch/dinov2's math (dinov2/loss/*.py) and are the oracle for the tests and
 the fallback on CPU. All arithmetic is fp32 whatever the input dtype; results are fp32 unless stated.
 The torch.distributed-aware ops reduce across ranks when a process group is initialised, as dinov2.
+They take zero teacher rows (a rank whose batch has no masked patch) and still run every collective,
+contributing zero sums and a zero row count, so that all ranks make the same calls whatever the data.
 """
 from __future__ import annotations
 
@@ -41,10 +43,11 @@ def _center_vector(center: torch.Tensor, K: int) -> torch.Tensor:
 def softmax_center_teacher(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
     """softmax((teacher_logits - center) / teacher_temp) over the last dim.
 
-    teacher_logits: (..., K) float; center: K elements, e.g. (1, K), any float dtype.
-    Returns (..., K) float32 probabilities.
+    teacher_logits: (..., K) float, K > 0, any number of rows (zero too); center: K elements, e.g.
+    (1, K), any float dtype. Returns (..., K) float32 probabilities.
     """
     check_tensor("teacher_logits", teacher_logits)
+    check_nonempty("teacher_logits", teacher_logits, teacher_logits.ndim - 1)
     check_positive("teacher_temp", teacher_temp)
     K = teacher_logits.shape[-1]
     return torch.softmax((teacher_logits.float() - _center_vector(center, K)) / teacher_temp, dim=-1)
@@ -55,10 +58,12 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
     """EMA of the batch mean: center * momentum + mean(teacher_logits) * (1 - momentum).
 
     center: K elements; teacher_logits: (..., K), the mean is over every leading dim and, with
-    torch.distributed initialised, over all ranks. Returns a new tensor shaped and typed like `center`.
+    torch.distributed initialised, over all ranks. Zero rows are allowed (see center_ema: a rank with
+    none still joins the all_reduce; no row anywhere leaves the centre unchanged). Returns a new
+    tensor shaped and typed like `center`.
     """
     check_tensor("teacher_logits", teacher_logits, ndim=(2, 3))
-    check_nonempty("teacher_logits", teacher_logits)
+    check_nonempty("teacher_logits", teacher_logits, teacher_logits.ndim - 1)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     K = teacher_logits.shape[-1]
@@ -69,30 +74,34 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
 
 def center_ema(center: torch.Tensor, batch_sum: torch.Tensor, n_rows: int, momentum: float) -> torch.Tensor:
     """center * momentum + batch_sum / n_rows * (1 - momentum), with batch_sum (K,) float32 and
-    n_rows all-reduced first when torch.distributed is initialised. Shaped and typed like `center`."""
+    n_rows all-reduced first when torch.distributed is initialised (every rank joins, one with zero
+    rows with batch_sum 0 and n_rows 0). When no rank has a row the mean is undefined and the centre
+    is returned unchanged rather than NaN; decided on the device, no host sync. Shaped and typed like `center`."""
     n = torch.tensor(float(n_rows), device=batch_sum.device)
     if _distributed():
         dist.all_reduce(batch_sum)
         dist.all_reduce(n)
-    new = center.float().reshape(batch_sum.shape) * momentum + batch_sum / n * (1.0 - momentum)
+    old = center.float().reshape(batch_sum.shape)
+    new = torch.where(n > 0, old * momentum + batch_sum / n.clamp(min=1.0) * (1.0 - momentum), old)
     return new.reshape(center.shape).to(center.dtype)
 
 
 def _all_reduce_logsumexp(lse: torch.Tensor) -> torch.Tensor:
-    """log(sum over ranks of exp(lse)), elementwise, without overflow."""
+    """log(sum over ranks of exp(lse)), elementwise, without overflow; -inf (an empty sum) where every
+    rank has -inf, as a rank with no row contributes."""
     if not _distributed():
         return lse
     m = lse.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    m = m.masked_fill(m == -math.inf, 0.0)  # -inf - -inf would be NaN; exp(-inf - 0) = 0 and log(0) = -inf
     s = torch.exp(lse - m)
     dist.all_reduce(s)
     return m + torch.log(s)
 
 
 def check_sinkhorn_input(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int) -> None:
-    """The argument checks sinkhorn_knopp_teacher shares with its Triton kernels."""
+    """The argument checks sinkhorn_knopp_teacher shares with its Triton kernels (B = 0 rows is allowed)."""
     check_tensor("teacher_logits", teacher_logits, ndim=2)
-    check_nonempty("teacher_logits", teacher_logits)
     check_nonempty("teacher_logits", teacher_logits, 1)
     check_positive("teacher_temp", teacher_temp)
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
@@ -105,7 +114,9 @@ def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_temp: float, n_
 
     teacher_logits: (B, K) float. Returns (B, K) float32 whose rows each sum to 1 and whose
     columns each sum to about B_total / K (exactly in the limit of many iterations), where B_total
-    is the number of rows over all ranks.
+    is the number of rows over all ranks. B = 0 gives (0, K); a rank with no row still joins every
+    all_reduce (its column log-sum-exps are -inf, an empty sum), so the other ranks' targets are those
+    of their rows alone.
 
     Same iterations as dinov2's DINOLoss.sinkhorn_knopp_teacher, written in log-space so that no
     exp can overflow or underflow: Q = exp(L + log_r[None, :] + log_c[:, None]) with L the scaled
@@ -175,7 +186,7 @@ def ibot_patch_loss(
     student_patch_logits / teacher_patch_probs: either dense (B, N, K) (only masked patches count)
     or masked-only (M, K) with M = masks.sum(), rows in the order of masks.flatten(1).nonzero().
     loss = -1/B * sum_b 1/max(n_b, 1) * sum_{masked p of image b} sum_k t[p, k] log_softmax(s[p] / student_temp)[k].
-    Returns a float32 scalar.
+    Returns a float32 scalar; 0 (an empty sum, with a zero gradient) when no patch is masked.
     """
     flat = check_ibot_loss_input(student_patch_logits, teacher_patch_probs, masks, student_temp)
     B, N = flat.shape
@@ -197,10 +208,10 @@ def check_koleo_input(x: torch.Tensor, eps: float, p: float, group=None) -> None
         raise ValueError(f"p (the distance's norm degree) must be a finite number >= 1, got {p!r}")
     if group is None and x.shape[0] < 2:
         raise ValueError(f"x needs at least 2 rows to have a nearest neighbour, got shape {tuple(x.shape)}")
-    if group is not None:
-        check_nonempty("x", x, 0)
-        if not _distributed():
-            raise ValueError("group was given but torch.distributed is not initialised")
+    if group is not None and not _distributed():
+        raise ValueError("group was given but torch.distributed is not initialised")
+    # With a group, a rank's row count is data: it is checked in all_gather_rows, on every rank together
+    # after the ranks exchange shapes, so that no rank raises alone while the others wait in a collective.
 
 
 class _AllGatherRows(torch.autograd.Function):

@@ -13,6 +13,8 @@ initialised, b's log-sum-exp over rows is all-reduced across ranks every iterati
 dinov2's all_reduce of the prototype sums; in log-space it takes a max and a sum all_reduce, as the
 reference). sinkhorn_knopp_teacher materialises the probabilities, as dinov2's returns them; the
 fused losses keep (b, a) and recompute them in the cross-entropy kernel (layout.TeacherTargets).
+A rank with zero rows launches no kernel (its b is -inf, an empty log-sum-exp) but joins every
+iteration's all_reduce, so the other ranks get the targets of their rows alone; its result is (0, K).
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def _col_lse_kernel(
 def _column_lse(table: ViewTable, scale: float, row: torch.Tensor | None) -> torch.Tensor:
     V, B, K = table.shape
     R = V * B
+    if R == 0:  # no row: every column's log-sum-exp is the empty sum's, -inf, without a launch
+        return torch.full((K,), float("-inf"), dtype=torch.float32, device=table.base.device)
     block_r = min(32, triton.next_power_of_2(R))
     block_k = max(16, min(tile(4096) // block_r, triton.next_power_of_2(K)))
     out = torch.empty(K, dtype=torch.float32, device=table.base.device)
@@ -86,8 +90,11 @@ def sinkhorn_knopp_teacher(
     """Sinkhorn-Knopp teacher targets, as dinov2's DINOLoss.sinkhorn_knopp_teacher.
 
     teacher_logits: (B, K) float32/float16/bfloat16, rows are samples (all global crops of the
-    batch), columns prototypes. Returns (B, K) float32: rows sum to 1, columns to about
-    B_total / K. check_finite=False skips the NaN/inf check of the result (one host sync).
+    batch), columns prototypes; B = 0 is allowed. Returns (B, K) float32: rows sum to 1, columns to
+    about B_total / K (B_total: all ranks' rows). With torch.distributed initialised every rank must
+    call it, with zero rows too, and gets its own rows' targets ((0, K) for none). check_finite=False
+    skips the NaN/inf check of the result (one host sync; all-reduced when distributed, so that a rank
+    with no row raises with the others).
     """
     reference.check_sinkhorn_input(teacher_logits, teacher_temp, n_iterations)
     if resolve_backend(backend, teacher_logits) == "eager":
@@ -97,5 +104,5 @@ def sinkhorn_knopp_teacher(
                                                 write_probs=True)
         finite = targets.row_lse
     if check_finite:
-        check_finite_result("sinkhorn_knopp_teacher", "teacher_logits", finite)
+        check_finite_result("sinkhorn_knopp_teacher", "teacher_logits", finite, all_ranks=True)
     return probs

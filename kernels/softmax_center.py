@@ -11,6 +11,8 @@ probabilities requested the program reads its rows a second time (from L2) to wr
 DINO/iBOT losses ask only for the log-sum-exp and recompute p inside the cross-entropy kernel
 (layout.TeacherTargets), so the (R, K) probabilities are never stored. Sinkhorn-Knopp's row pass is
 the same kernel with another column bias. No autograd: teacher targets carry no gradient, as in dinov2.
+Zero rows (a rank whose batch has no masked patch) launch no kernel but still join the centre's
+all_reduce with zero sums and a zero count; no row on any rank leaves the centre unchanged.
 """
 from __future__ import annotations
 
@@ -98,10 +100,15 @@ def row_lse(
     """Launch _row_lse_kernel over the R = V * B rows of `table`.
 
     Returns (lse (R,) float32, probabilities (R, K) float32 or None, column sums (1, K) float32 or None).
+    R = 0 launches nothing (an empty grid) and gives empty results and zero column sums.
     """
     V, B, K = table.shape
     R = V * B
     device = table.base.device
+    if R == 0:
+        return (torch.empty(0, dtype=torch.float32, device=device),
+                torch.empty(0, K, dtype=torch.float32, device=device) if write_probs else None,
+                torch.zeros(1, K, dtype=torch.float32, device=device) if with_colsum else None)
     block_r = min(tile(_BLOCK_R_CENTER if with_colsum else 1), triton.next_power_of_2(R))
     block_k = max(16, min(tile(4096) // block_r, triton.next_power_of_2(K)))
     programs = triton.cdiv(R, block_r)
@@ -121,9 +128,12 @@ def row_lse(
 def center_ema(center: torch.Tensor, partial: torch.Tensor, n_rows: int, momentum: float) -> torch.Tensor:
     """New centre (shaped and typed like `center`) from partial column sums (P, K) of n_rows rows in all
     (the logits themselves, or their sums); with torch.distributed initialised the sums and row counts
-    are all-reduced first, as dinov2 does."""
+    are all-reduced first, as dinov2 does (by every rank, one with n_rows = 0 too). No row in all: the
+    centre, unchanged (a copy)."""
     if reference._distributed():
         return reference.center_ema(center, partial.float().sum(dim=0), n_rows, momentum)
+    if n_rows == 0:  # the mean of no rows is undefined: keep the centre, as reference.center_ema
+        return center.clone(memory_format=torch.contiguous_format)
     K = partial.shape[1]
     out = torch.empty(center.shape, dtype=center.dtype, device=center.device)
     block_k = tile(256)
@@ -146,10 +156,9 @@ def softmax_center_targets(
 
 
 def _check_teacher_args(teacher_logits, center, teacher_temp: float, ndim=None) -> int:
-    """K, after checking the logits (non-empty), the centre's size and the temperature."""
+    """K, after checking the logits (K > 0; zero rows are allowed), the centre's size and the temperature."""
     check_tensor("teacher_logits", teacher_logits, ndim=ndim)
-    for dim in range(teacher_logits.ndim):
-        check_nonempty("teacher_logits", teacher_logits, dim)
+    check_nonempty("teacher_logits", teacher_logits, teacher_logits.ndim - 1)
     check_positive("teacher_temp", teacher_temp)
     K = teacher_logits.shape[-1]
     reference._center_vector(center, K)
@@ -180,7 +189,9 @@ def _softmax_center(name, teacher_logits, center, teacher_temp, momentum, backen
         new = None if momentum is None else center_ema(center, colsum, lse.shape[0], momentum)
         probs, finite = probs.reshape(teacher_logits.shape), [lse]
     if check_finite:  # a -inf logit has probability 0, but would make the centre -inf
-        check_finite_result(name, "teacher_logits or center", *finite, *([] if new is None else [new]))
+        # With the centre update (all-reduced) the ranks agree on the verdict: a rank with zero rows raises too.
+        check_finite_result(name, "teacher_logits or center", *finite, *([] if new is None else [new]),
+                            all_ranks=new is not None)
     return probs, new
 
 
@@ -192,8 +203,9 @@ def softmax_center_teacher(
     """softmax((teacher_logits - center) / teacher_temp) over the last dim, as dinov2.
 
     teacher_logits: (..., K) float32/float16/bfloat16, e.g. (B, K) or (V, B, K); center: K elements,
-    e.g. (1, K). Returns float32 probabilities shaped like teacher_logits. check_finite=False skips
-    the NaN/inf check of the result (one device-to-host sync).
+    e.g. (1, K). Any number of rows, zero too (then no kernel runs). Returns float32 probabilities
+    shaped like teacher_logits. check_finite=False skips the NaN/inf check of the result (one
+    device-to-host sync).
     """
     return _softmax_center("softmax_center_teacher", teacher_logits, center, teacher_temp, None, backend,
                            check_finite)[0]
@@ -209,6 +221,8 @@ def softmax_center_and_update_teacher(
     teacher_logits: (B, K) or (V, B, K). Returns (probabilities, float32 shaped like teacher_logits;
     the new centre, shaped and typed like `center`). The probabilities use the old centre, as
     dinov2's softmax_center_teacher followed by update_center (all-reduced over ranks likewise).
+    Zero rows: empty probabilities, and the centre as update_center gives it. With torch.distributed
+    initialised every rank must call it (it all-reduces whatever its rows), check_finite included.
     """
     return _softmax_center("softmax_center_and_update_teacher", teacher_logits, center, teacher_temp, momentum,
                            backend, check_finite)
@@ -222,8 +236,9 @@ def update_center(
     """EMA of the batch mean: center * momentum + mean(teacher_logits) * (1 - momentum), as dinov2.
 
     center: K elements; teacher_logits: (B, K) or (V, B, K), the mean is over every leading dim and,
-    with torch.distributed initialised, over all ranks. Returns a new tensor shaped and typed like
-    `center`.
+    with torch.distributed initialised, over all ranks, which must all call it (a rank with zero
+    rows contributes zero sums and a zero count). No row on any rank (or in the one process): the
+    centre unchanged, not NaN. Returns a new tensor shaped and typed like `center`.
     """
     K = _check_teacher_args(teacher_logits, center, 1.0, ndim=(2, 3))
     _check_momentum(momentum)

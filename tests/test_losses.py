@@ -535,8 +535,10 @@ X = torch.ones(2, 8)  # (B, K) = (2, 8) logits; the argument checks never read t
                  "student_temp must be > 0", id="student-temp"),
     pytest.param(lambda b: softmax_center_teacher(X, torch.zeros(9), 0.04, backend=b),
                  "center has 9 elements", id="center-size"),
-    pytest.param(lambda b: softmax_center_teacher(torch.randn(0, 8), torch.zeros(8), 0.04, backend=b),
-                 "empty along dim 0", id="centre-empty-rows"),
+    pytest.param(lambda b: softmax_center_teacher(torch.randn(2, 0), torch.zeros(0), 0.04, backend=b),
+                 "empty along dim 1", id="centre-empty-K"),  # zero rows are allowed: test_teacher_ops_zero_rows
+    pytest.param(lambda b: sinkhorn_knopp_teacher(torch.randn(2, 0), 0.04, backend=b), "empty along dim 1",
+                 id="sinkhorn-empty-K"),
     pytest.param(lambda b: softmax_center_and_update_teacher(X, torch.zeros(8), 0.04, 1.5, backend=b),
                  "momentum", id="momentum"),
     pytest.param(lambda b: update_center(torch.zeros(8), torch.randn(8), backend=b),
@@ -561,8 +563,8 @@ X = torch.ones(2, 8)  # (B, K) = (2, 8) logits; the argument checks never read t
     pytest.param(lambda b: softmax_center_teacher(X, torch.zeros(8, device="meta"), 0.1, backend=b),
                  "center on meta", id="center-device"),
     pytest.param(lambda b: DINOLoss(8, centering="mean"), "centering must be", id="module-centering"),
-    pytest.param(lambda b: IBOTPatchLoss(8, backend=b)(torch.randn(0, 8), torch.randn(0, 8), torch.zeros(2, 2).bool()),
-                 "teacher_out .masked rows. is empty", id="ibot-module-empty"),
+    pytest.param(lambda b: IBOTPatchLoss(8, backend=b)(torch.randn(0, 8), torch.randn(0, 8), torch.zeros(0, 2).bool()),
+                 "masks is empty along dim 0", id="ibot-module-no-image"),  # no masked patch: a loss of 0
 ])
 def test_bad_input(backend, call, match):
     with pytest.raises(ValueError, match=match):
@@ -662,19 +664,21 @@ def one_rank_group(tmp_path, monkeypatch):
 def test_distributed_collectives_match_the_reference(one_rank_group):
     """With torch.distributed initialised the kernels all-reduce what the reference all-reduces (whose
     two-rank results tests/test_reference_distributed.py checks): per Sinkhorn iteration the prototype
-    log-sum-exp K-vector (max, then sum), and the centre's column sums and row count."""
+    log-sum-exp K-vector (max, then sum), and the centre's column sums and row count; then the
+    finite check's verdict (a min), so that every rank raises or none does."""
     calls = one_rank_group
     logits, center = 2 * torch.randn(6, 300), torch.randn(1, 300)
-    max_op, sum_op = str(dist.ReduceOp.MAX), str(dist.ReduceOp.SUM)
+    max_op, sum_op, min_op = str(dist.ReduceOp.MAX), str(dist.ReduceOp.SUM), str(dist.ReduceOp.MIN)
     expected = reference.sinkhorn_knopp_teacher(logits, 0.1, 3), reference.update_center(center, logits, 0.8)
     for backend in ("triton", "eager"):
         calls.clear()
         out = sinkhorn_knopp_teacher(logits, 0.1, 3, backend=backend)
         # the reference also all-reduces the row count B_total, which the kernels' row normalisation does without
         assert [c for c in calls if c[1] == (300,)] == [(max_op, (300,)), (sum_op, (300,))] * 3
+        assert calls[-1] == (min_op, ())
         calls.clear()
         _, new = softmax_center_and_update_teacher(logits, center, 0.1, 0.8, backend=backend)
-        assert calls == [(sum_op, (300,)), (sum_op, ())]
+        assert calls == [(sum_op, (300,)), (sum_op, ()), (min_op, ())]
         torch.testing.assert_close(out, expected[0], **FP32)
         torch.testing.assert_close(new, expected[1], **FP32)
 
@@ -790,3 +794,72 @@ def test_gpu_peak_memory_is_the_gradient_plus_rows():
     # + 8 MiB: the (4, splits, S, B) fp32 partials and (S, B) lse / mass are < 1 MiB; the rest is the
     # caching allocator's 2 MiB segment granularity
     assert extra < gradient + 8 * 2**20, f"{extra / 2**20:.1f} MiB for a {gradient / 2**20:.0f} MiB gradient"
+
+
+# ---- zero teacher rows: a rank whose batch has no masked patch --------------------------------------
+# Oracle: the definitions on an empty batch (no probabilities; the mean of no rows is undefined, so the
+# centre stays; dinov2's forward_masked sums over no patch: 0). tests/test_distributed.py runs the
+# same ops on two ranks, one or both without rows.
+
+@pytest.fixture
+def no_eager_fallback(monkeypatch):
+    """The reference teacher ops raise if called, so a Triton-backend test cannot pass on them."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the eager reference ran in place of the Triton backend")
+
+    for name in ("softmax_center_teacher", "update_center", "sinkhorn_knopp_teacher", "ibot_patch_loss"):
+        monkeypatch.setattr(reference, name, fail)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64)], ids=["B=0", "V=2,B=0"])
+def test_teacher_ops_zero_rows(request, monkeypatch, backend, shape):
+    """Empty probabilities, the centre unchanged (a copy, same shape and dtype), empty Sinkhorn
+    targets; the Triton backend launches no kernel (an empty grid is an error on a GPU)."""
+    if backend == "triton":
+        request.getfixturevalue("no_eager_fallback")
+    launches = [spy_launches(monkeypatch, softmax_center, "_row_lse_kernel"),
+                spy_launches(monkeypatch, softmax_center, "_center_ema_kernel"),
+                spy_launches(monkeypatch, sinkhorn_knopp, "_col_lse_kernel")]
+    logits = torch.randn(shape, dtype=torch.bfloat16)
+    for center in (torch.randn(1, 64), torch.randn(64, dtype=torch.bfloat16)):
+        probs = softmax_center_teacher(logits, center, 0.04, backend=backend)
+        assert probs.shape == shape and probs.dtype == torch.float32
+        probs, updated = softmax_center_and_update_teacher(logits, center, 0.04, 0.9, backend=backend)
+        assert probs.shape == shape and probs.dtype == torch.float32
+        for new in (updated, update_center(center, logits, 0.9, backend=backend)):
+            assert torch.equal(new, center) and new.dtype == center.dtype and new.data_ptr() != center.data_ptr()
+    targets = sinkhorn_knopp_teacher(logits.reshape(-1, 64), 0.04, backend=backend)
+    assert targets.shape == (0, 64) and targets.dtype == torch.float32
+    assert not any(launches)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_ibot_patch_loss_zero_masked_patches(request, backend):
+    """0, as dinov2's forward_masked (-sum over no patch / B), with a zero gradient that reaches the head
+    producing the logits: every parameter gets a gradient on every rank, masked patches or not."""
+    if backend == "triton":
+        request.getfixturevalue("no_eager_fallback")
+    head = torch.nn.Linear(16, 64)
+    masks = torch.zeros(3, 4, dtype=torch.bool)
+    loss = ibot_patch_loss(head(torch.randn(0, 16)), torch.rand(0, 64), masks, backend=backend)
+    dense = torch.randn(3, 4, 64, requires_grad=True)
+    dense_loss = ibot_patch_loss(dense, torch.rand(3, 4, 64), masks.view(3, 2, 2), backend=backend)
+    (loss + dense_loss).backward()
+    assert loss.item() == 0.0 == dense_loss.item() and loss.dtype == torch.float32
+    assert torch.equal(head.weight.grad, torch.zeros(64, 16)) and torch.equal(dense.grad, torch.zeros(3, 4, 64))
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
+def test_ibot_module_zero_masked_patches(backend, centering):
+    """IBOTPatchLoss with no masked patch: loss 0, zero gradient, the centre unchanged (lightly's mean
+    of no rows would make it NaN)."""
+    module = IBOTPatchLoss(64, centering=centering, backend=backend)
+    module.center.normal_()
+    center = module.center.clone()
+    student = torch.randn(0, 64, requires_grad=True)
+    loss = module(torch.randn(0, 64), student, torch.zeros(2, 2, 2, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.shape == (0, 64)
+    assert torch.equal(module.center, center)

@@ -335,8 +335,10 @@ def test_attention_bad_input(shapes, v_dtype, match):
                  id="sinkhorn-1d"),
     pytest.param(lambda: ref.sinkhorn_knopp_teacher(torch.randn(2, 4), 0.04, n_iterations=0), "n_iterations",
                  id="sinkhorn-iterations"),
-    pytest.param(lambda: ref.update_center(torch.zeros(4), torch.randn(0, 4), 0.9), "teacher_logits is empty",
-                 id="no-rows"),
+    pytest.param(lambda: ref.update_center(torch.zeros(0), torch.randn(2, 0), 0.9), "teacher_logits is empty",
+                 id="no-prototypes"),  # zero rows are allowed: test_teacher_ops_zero_rows in test_losses.py
+    pytest.param(lambda: ref.softmax_center_teacher(torch.randn(2, 0), torch.zeros(0), 0.04), "teacher_logits is empty",
+                 id="softmax-no-prototypes"),
     pytest.param(lambda: ref.update_center(torch.zeros(4), torch.randn(2, 4), 1.5), "momentum", id="momentum"),
 ])
 def test_teacher_ops_bad_input(call, match):

@@ -61,8 +61,7 @@ def test_exact_resume(tmp_path, memory_loader):
     for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s",
                 "teacher_entropy", "prototypes_in_use", "feature_std"):
         assert key in lines[0], key
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "a")] == ["checkpoint-00000003.pt",
-                                                                        "checkpoint-00000006.pt"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "a")] == ["checkpoint-00000003", "checkpoint-00000006"]
 
 
 def test_sigterm_finishes_the_step_saves_and_stops(tmp_path, memory_loader, monkeypatch):
@@ -78,7 +77,7 @@ def test_sigterm_finishes_the_step_saves_and_stops(tmp_path, memory_loader, monk
     monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
     trainer.fit()
     assert trainer.step == 2
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["step"] == 2
+    assert ckpt.load_meta(ckpt.latest_checkpoint(tmp_path))["step"] == 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is restored"
 
 
@@ -96,8 +95,10 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, memory_loader, m
     monkeypatch.setattr(trainer.model, "forward", forward)
     with pytest.raises(loop.TrainingDiverged, match=r"non-finite ibot_loss = nan, loss = nan at step 4"):
         trainer.fit()
-    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
-    assert saved["step"] == 3
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert ckpt.load_meta(latest)["step"] == 3
+    saved = {"model": {k: torch.full_like(v, float("nan")) for k, v in trainer.model.state_dict().items()}}
+    ckpt.load_sharded(latest, saved)
     for v in saved["model"].values():
         assert torch.isfinite(v).all()
 
@@ -122,7 +123,8 @@ def _two_rank_worker(rank, tmp_path, results):
     loop.build_train_loader = lambda cfg, rank, world: MemoryLoader(seed=rank)
     try:
         torch.manual_seed(100 + rank)  # whatever the RNG state before, the ranks start from the same weights
-        trainer = loop.Trainer(config(tmp_path / "sigterm", "train.checkpoint_every=100"))
+        # DDP: every rank holds whole replicas, so equal weights on both ranks means something
+        trainer = loop.Trainer(config(tmp_path / "sigterm", "train.checkpoint_every=100", "train.parallel=ddp"))
         initial = [p.detach().clone() for p in trainer.model.student.parameters()]
         real_step = trainer.train_step
 
@@ -136,7 +138,7 @@ def _two_rank_worker(rank, tmp_path, results):
         trainer.fit()
         out = {"initial": initial, "step": trainer.step, "teacher": teacher_state(trainer)}
 
-        trainer = loop.Trainer(config(tmp_path / "nan"))
+        trainer = loop.Trainer(config(tmp_path / "nan", "train.parallel=ddp"))
         real_forward = trainer.model.forward
 
         def forward(global_crops, *args):  # NaN on rank 1 only
@@ -164,7 +166,7 @@ def test_two_ranks_share_weights_and_stop_together(tmp_path):
     assert r0["step"] == r1["step"] == 2
     for k in r0["teacher"]:  # same start, all-reduced gradients, same updates: bitwise equal on both ranks
         assert torch.equal(r0["teacher"][k], r1["teacher"][k]), k
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "sigterm"))["step"] == 2
+    assert ckpt.load_meta(ckpt.latest_checkpoint(tmp_path / "sigterm"))["step"] == 2
     assert "non-finite loss on another rank at step 1" in r0["diverged"]
     assert "non-finite dino_loss = nan" in r1["diverged"]
 
@@ -180,3 +182,104 @@ def test_train_cli_reports_divergence(tmp_path, memory_loader, monkeypatch, caps
     assert "non-finite loss = inf at step 0" in capsys.readouterr().err
     assert cli.main(["train", "optim.base_lrr=1"]) == 2
     assert "did you mean optim.base_lr" in capsys.readouterr().err
+
+
+# ---- a used output folder; world-size-free masks ------------------------------------------------
+
+def metric_steps(out_dir):
+    return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_used_output_dir_needs_resume_or_overwrite(tmp_path, memory_loader):
+    """Oracle for --overwrite: the same run into a new folder, bit for bit."""
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    loop.Trainer(config(run, "train.max_steps=3")).fit()
+    assert ckpt.list_checkpoints(run)
+    with pytest.raises(loop.OutputDirInUse, match=r"holds checkpoints .* --resume .* --overwrite"):
+        loop.Trainer(config(run, "train.max_steps=2"))
+    with pytest.raises(ValueError, match="exclude each other"):
+        loop.Trainer(config(run), resume=True, overwrite=True)
+    assert loop.Trainer(config(run, "train.max_steps=4"), resume=True).step == 3, "--resume is still allowed"
+
+    straight = loop.Trainer(config(fresh, "train.max_steps=2"))
+    straight.fit()
+    again = loop.Trainer(config(run, "train.max_steps=2"), overwrite=True)
+    assert again.step == 0 and not ckpt.list_checkpoints(run) and not (run / "metrics.jsonl").exists()
+    again.fit()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [p.name for p in ckpt.list_checkpoints(fresh)]
+    assert metric_steps(run) == metric_steps(fresh) == [1, 2]
+    a, b = teacher_state(straight), teacher_state(again)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_cli_refuses_a_used_output_dir(tmp_path, memory_loader, capsys):
+    from dinotron.train import cli
+
+    overrides = [*TINY, f"train.output_dir={tmp_path}", "data.train_shards=[x]", "data.batch_size_per_gpu=4",
+                 "train.progress=false", "train.max_steps=2"]
+    assert cli.main(["train", *overrides]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"ERROR: dinotron train: train.output_dir {tmp_path} holds checkpoints")
+    assert "--resume" in err and "--overwrite" in err
+    assert cli.main(["train", "--overwrite", *overrides]) == 0
+    assert metric_steps(tmp_path) == [1, 2], "the first run's metrics are gone"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--resume", "--overwrite", *overrides])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def _record_masks(trainer) -> list:
+    masks, real_forward = [], trainer.model.forward
+
+    def forward(global_crops, local_crops, step_masks, *args):
+        masks.append(step_masks.cpu().clone())
+        return real_forward(global_crops, local_crops, step_masks, *args)
+
+    trainer.model.forward = forward
+    return masks
+
+
+def _two_rank_output_dir_worker(rank, tmp_path, results):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    loop.build_train_loader = lambda cfg, rank, world: MemoryLoader(seed=rank)
+    try:
+        out = {}
+        loop.Trainer(config(tmp_path / "run", "train.max_steps=2")).fit()
+        try:
+            loop.Trainer(config(tmp_path / "run"))
+        except loop.OutputDirInUse as err:
+            out["refused"] = str(err)
+        trainer = loop.Trainer(config(tmp_path / "run", "train.max_steps=3"), overwrite=True)
+        out["masks"] = _record_masks(trainer)
+        trainer.fit()
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_refuse_or_overwrite_together_and_mask_as_one(tmp_path, monkeypatch):
+    """Two gloo ranks of 4 images: a used folder stops both (none hangs); --overwrite empties it once, and
+    only rank 0 writes metrics; each step's masks, interleaved (row j of rank r is image 2j + r), equal those
+    of one rank of 8 images (the oracle)."""
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_output_dir_worker, args=(tmp_path, results), nprocs=2, join=True)
+    r0, r1 = results[0], results[1]
+    assert "--resume" in r0["refused"] and "--overwrite" in r1["refused"]
+    assert metric_steps(tmp_path / "run") == [1, 2, 3]
+
+    monkeypatch.setattr(loop, "build_train_loader", lambda cfg, rank, world: MemoryLoader(batch_size=8))
+    one = loop.Trainer(config(tmp_path / "one", "train.max_steps=3", "data.batch_size_per_gpu=8"))
+    masks = _record_masks(one)
+    one.fit()
+    assert len(masks) == len(r0["masks"]) == len(r1["masks"]) == 3
+    for step, expected in enumerate(masks):
+        two = torch.stack([r["masks"][step].view(2, 4, -1) for r in (r0, r1)], dim=2).flatten(0, 2)
+        assert expected.any() and torch.equal(two, expected), step
+

@@ -17,9 +17,10 @@ from dinotron.train.export import export_backbone
 from dinotron.train.knn import knn_classify
 from dinotron.train.log import setup_logging
 from dinotron.train.loop import CollapseWatch
-from dinotron.train.masking import BlockMaskGenerator, sample_masks
+from dinotron.train.masking import BlockMaskGenerator, sample_masks_for_rank
 from dinotron.train.model import DINOHead, DinoV2
 from dinotron.train.optim import apply_schedules, build_optimizer, layer_id, param_groups
+from dinotron.train.parallel import LaunchEnv, launch_env
 from dinotron.train.schedules import CosineSchedule, build_schedules, scaled_lr
 from helpers import tiny_config
 
@@ -105,24 +106,63 @@ def test_block_mask_generator_masks_rectangles_within_budget():
     assert sum(counts) / len(counts) > 0.98, "block masks should come close to their target area"
 
 
+def global_masks(step, seed, gen, n_global, batch_size, world, **kwargs):
+    """The step's masks of every rank, in the order of one rank holding the whole global batch: rank r's row
+    v * B + j is global crop v * (B * world) + j * world + r (the loaders deal samples round-robin)."""
+    parts = [sample_masks_for_rank(step, seed, gen, n_global, batch_size, r, world, **kwargs) for r in range(world)]
+    return torch.stack([m.view(n_global, batch_size, -1) for m in parts], dim=2).flatten(0, 2)
+
+
 def test_sample_masks_statistics():
     gen = BlockMaskGenerator((16, 16), max_num_patches=128)
-    rng = random.Random(1)
     ratios = []
-    for _ in range(20):
-        masks = sample_masks(64, gen, rng, mask_probability=0.5, ratio_min_max=(0.1, 0.5))
-        assert masks.shape == (64, 256)
+    for step in range(20):
+        masks = sample_masks_for_rank(step, 1, gen, n_global=2, batch_size=32, mask_probability=0.5,
+                                      ratio_min_max=(0.1, 0.5))
+        assert masks.shape == (64, 256) and masks.dtype == torch.bool
         per_image = masks.sum(dim=1)
-        assert (per_image > 0).sum() == 32, "int(64 * 0.5) images get a mask"
+        assert (per_image > 0).sum() == 32, "int(64 * 0.5) crops get a mask"
         ratios += (per_image[per_image > 0] / 256).tolist()
     assert max(ratios) <= 0.5 + 1e-6
     # Targets int(256 * u), u stratified over 32 slices of [0.1, 0.5]: mean 0.298, filled to 0.998 of
-    # it (above); measured 0.2976. 0.01 is ~2x the standard error of unstratified draws (0.115 / sqrt(640)).
+    # it (above); measured 0.2979 here, 0.2977 over 1,000 steps. 0.01 is ~2x the standard error of
+    # unstratified draws (0.115 / sqrt(640)).
     assert abs(sum(ratios) / len(ratios) - 0.298) < 0.01, "ratios spread over [0.1, 0.5], mean about 0.3"
-    # One image per draw falls in the first and in the last slice: [0.1, 0.1125] and [0.4875, 0.5].
+    # One crop per step falls in the first and in the last slice: [0.1, 0.1125] and [0.4875, 0.5].
     assert min(ratios) <= 0.1125 and max(ratios) >= 0.4875 * 0.98
-    again = sample_masks(64, gen, random.Random(1))
-    assert torch.equal(again, sample_masks(64, gen, random.Random(1))), "seeded masks are reproducible"
+    again = sample_masks_for_rank(5, 1, gen, 2, 32)
+    assert torch.equal(again, sample_masks_for_rank(5, 1, gen, 2, 32)), "masks are a function of (seed, step)"
+    assert not torch.equal(again, sample_masks_for_rank(6, 1, gen, 2, 32)), "another step, other masks"
+    assert not torch.equal(again, sample_masks_for_rank(5, 2, gen, 2, 32)), "another seed, other masks"
+
+
+@pytest.mark.parametrize("world,batch_size", [(2, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("step", [0, 7])
+def test_masks_do_not_depend_on_the_world_size(world, batch_size, step):
+    """Oracle: one rank holding the whole global batch of 8 images (16 global crops)."""
+    gen = BlockMaskGenerator((8, 8), max_num_patches=32)
+    one_rank = sample_masks_for_rank(step, 3, gen, n_global=2, batch_size=8)
+    assert torch.equal(global_masks(step, 3, gen, 2, batch_size, world), one_rank)
+
+
+@pytest.mark.parametrize("n_global,batch_size,world,p",
+                         [(2, 3, 4, 0.3), (1, 5, 3, 0.5), (3, 2, 2, 0.9), (2, 4, 2, 0.0)])
+def test_masks_count_int_n_p_over_the_global_batch(n_global, batch_size, world, p):
+    gen = BlockMaskGenerator((8, 8), max_num_patches=32)
+    n = n_global * batch_size * world
+    masks = global_masks(0, 0, gen, n_global, batch_size, world, mask_probability=p)
+    assert masks.shape == (n, 64)
+    assert int(masks.any(dim=1).sum()) == int(n * p)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"rank": 2, "world": 2}, "rank"),
+    ({"batch_size": 0}, "batch_size"),
+])
+def test_sample_masks_for_rank_checks_its_arguments(kwargs, match):
+    args = {"step": 0, "seed": 0, "generator": BlockMaskGenerator((8, 8)), "n_global": 2, "batch_size": 4} | kwargs
+    with pytest.raises(ValueError, match=match):
+        sample_masks_for_rank(**args)
 
 
 # ---- schedules ----------------------------------------------------------------------------------
@@ -283,23 +323,41 @@ def test_collapse_watch_warns_after_patience():
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
+def _save(directory, step, **kwargs):
+    sharded = {"w": torch.full((3,), float(step))}
+    return ckpt.save_checkpoint(directory, step, sharded=sharded, meta={"step": step}, rank_state={"r": step}, **kwargs)
+
+
 def test_checkpoints_atomic_and_pruned(tmp_path, monkeypatch):
     for step in (10, 20, 30):
-        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-00000020.pt", "checkpoint-00000030.pt"]
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["step"] == 30
+        _save(tmp_path, step, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-00000020", "checkpoint-00000030"]
+    latest = ckpt.latest_checkpoint(tmp_path)
+    loaded = {"w": torch.zeros(3)}
+    ckpt.load_sharded(latest, loaded)
+    assert ckpt.load_meta(latest) == {"step": 30} and torch.equal(loaded["w"], torch.full((3,), 30.0))
+    assert ckpt.load_rank_state(latest, 0) == {"r": 30} and ckpt.load_rank_state(latest, 1) is None
 
-    def broken_save(obj, f):
-        f.write(b"partial")
+    def broken_write(path, obj):  # the meta file fails: the shards are written, the folder is never renamed
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    real_write = ckpt._write
+    monkeypatch.setattr(ckpt, "_write", lambda path, obj: broken_write(path, obj) if path.name == ckpt.META
+                        else real_write(path, obj))
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(tmp_path, 40, {"step": 40}, keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000020.pt", "checkpoint-00000030.pt"]
-    (tmp_path / "checkpoint-00000050.pt").write_bytes(b"garbage")
+        _save(tmp_path, 40, keep_last=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint-00000040.tmp", "checkpoint-00000020",
+                                                          "checkpoint-00000030"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-00000030", "the partial one is ignored"
+    _save(tmp_path, 50, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000030", "checkpoint-00000050"], (
+        "the next save removes the partial one")
+    (tmp_path / "checkpoint-00000060").mkdir()  # no meta.pt: not a checkpoint
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-00000050"
+    (tmp_path / "checkpoint-00000050" / ckpt.META).write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="cannot read checkpoint"):
-        ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+        ckpt.load_meta(ckpt.latest_checkpoint(tmp_path))
 
 
 # ---- k-NN ---------------------------------------------------------------------------------------
@@ -408,3 +466,37 @@ def test_dinotron_logger_shows_rank_0_by_default(monkeypatch, capsys, rank, all_
         for h in list(logger.handlers):
             logger.removeHandler(h)
     assert capsys.readouterr().err.splitlines() == shown
+
+
+# ---- launch environment ---------------------------------------------------------------------------
+
+SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456"}
+PORT = "28544"  # 20000 + 123456 % 12768
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, LaunchEnv(0, 1, 0, None, None, "none")),
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"},
+     LaunchEnv(3, 4, 1, "h", "29500", "torchrun")),
+    # torchrun inside an srun allocation (one task per node): torchrun's variables win
+    ({**SRUN, "RANK": "2", "WORLD_SIZE": "16", "LOCAL_RANK": "2"}, LaunchEnv(2, 16, 2, None, None, "torchrun")),
+    ({**SRUN, "SLURM_JOB_NODELIST": "node[01-04],gpu7"}, LaunchEnv(5, 8, 1, "node01", PORT, "slurm")),
+    ({**SRUN, "SLURM_JOB_NODELIST": "gpu7,node[01-04]"}, LaunchEnv(5, 8, 1, "gpu7", PORT, "slurm")),
+    ({**SRUN, "SLURM_JOB_NODELIST": "r[2-3]-n[009,011-012]-ib"}, LaunchEnv(5, 8, 1, "r2-n009-ib", PORT, "slurm")),
+    ({**SRUN, "SLURM_JOB_NODELIST": "a.b-c"}, LaunchEnv(5, 8, 1, "a.b-c", PORT, "slurm")),
+    # exported MASTER_ADDR / MASTER_PORT win over the node list and the job id
+    ({**SRUN, "SLURM_JOB_NODELIST": "weird[", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"},
+     LaunchEnv(5, 8, 1, "10.0.0.1", "1234", "slurm")),
+    # one task needs no rendezvous, whatever the node list
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "weird["},
+     LaunchEnv(0, 1, 0, None, None, "slurm")),
+])
+def test_launch_env_reads_torchrun_then_slurm(environ, expected):
+    assert launch_env(environ) == expected
+
+
+@pytest.mark.parametrize("nodelist", ["", "node[01-04", "node]1", ",node1", "node[a-b]"])
+def test_launch_env_names_master_addr_where_the_node_list_is_unreadable(nodelist):
+    environ = {**SRUN, "SLURM_JOB_NODELIST": nodelist} if nodelist else SRUN
+    with pytest.raises(ValueError, match=r"SLURM_JOB_NODELIST=.*export MASTER_ADDR"):
+        launch_env(environ)

@@ -27,27 +27,29 @@ def _load_run(args):
     path = Path(args.checkpoint) if args.checkpoint else ckpt.latest_checkpoint(args.run)
     if path is None:
         raise SystemExit(f"dinotron: no checkpoint in {args.run}")
-    state = ckpt.load_checkpoint(path)
-    cfg = from_dict(apply_overrides(state["config"], getattr(args, "overrides", [])))
+    cfg = from_dict(apply_overrides(ckpt.load_meta(path)["config"], getattr(args, "overrides", [])))
     model = DinoV2(cfg)
-    if not getattr(args, "random_init", False):
-        model.load_state_dict(state["model"])
+    if not getattr(args, "random_init", False):  # DCP gathers the shards of any number of ranks into this process
+        ckpt.load_sharded(path, {"model": model.state_dict()})
     return cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"), path
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint file")
+    src.add_argument("--checkpoint", help="a checkpoint folder (checkpoint-<step>)")
     src.add_argument("--run", help="a training output_dir: its latest checkpoint is used")
 
 
 def cmd_train(args) -> int:
     from dinotron.train.config import load_config
-    from dinotron.train.loop import Trainer, TrainingDiverged
+    from dinotron.train.loop import OutputDirInUse, Trainer, TrainingDiverged
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = Trainer(cfg, resume=args.resume).fit()
+        result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit()
+    except OutputDirInUse as e:
+        log.error(f"dinotron train: {e}")
+        return 2
     except TrainingDiverged as e:
         log.error(f"dinotron train: {e}")
         return 1
@@ -126,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_shards)
     p = sub.add_parser("train", help="train DINOv2 from a YAML config with key=value overrides")
     p.add_argument("--config", help="YAML config (configs/*.yaml); defaults are dinov2's ViT-S/14 recipe")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    run = p.add_mutually_exclusive_group()  # without either, a train.output_dir holding checkpoints is refused
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete the checkpoints, metrics.jsonl and tensorboard/ in train.output_dir, start afresh")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_train)
 

@@ -115,8 +115,9 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
+    # checkpoints, metrics.jsonl, config.yaml; one holding checkpoints needs --resume or --overwrite
     output_dir: str = "runs/dinotron"
-    seed: int = 0
+    seed: int = 0  # iBOT masks are drawn from (seed, step, global image index): the same for any world size
     epoch_length: int = 1250  # dinov2's OFFICIAL_EPOCH_LENGTH
     max_steps: int | None = None  # stop early (schedules still span optim.epochs)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU runs fp32
@@ -126,6 +127,23 @@ class TrainConfig:
     keep_last: int = 3
     progress: bool = True
     collapse_patience: int = 50  # warn when the collapse indicators stay bad this many steps
+    # How ranks share the work: "fsdp2" (fully_shard per block, sharded parameters, gradients and optimiser
+    # state), "ddp" (DistributedDataParallel, bucketed all-reduce overlapped with backward), "none" (one
+    # process); "auto": fsdp2 when WORLD_SIZE > 1, else none.
+    parallel: Literal["auto", "fsdp2", "ddp", "none"] = "auto"
+    grad_accum_steps: int = 1  # micro-batches of data.batch_size_per_gpu per optimiser step; no sync until the last
+    # Recompute in backward: "full" every block, "selective" keeps matmul and attention outputs (as dinov3).
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+
+    def __post_init__(self):
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclass
+class FSDPConfig:
+    reduce_dtype: Literal["bf16", "fp32"] = "bf16"  # gradient reduce-scatter; parameters compute in train.precision
+    reshard_after_forward: bool = True  # free gathered parameters after forward (False: keep them for backward)
 
 
 @dataclass
@@ -138,6 +156,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self):
         o = self.optim

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -16,14 +16,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
 from dinotron.train import checkpoint as ckpt
 from dinotron.train.config import Config, from_dict, to_dict
 from dinotron.train.knn import extract_features, knn_classify
-from dinotron.train.masking import BlockMaskGenerator, sample_masks
+from dinotron.train.masking import BlockMaskGenerator, sample_masks_for_rank
 from dinotron.train.model import DinoV2
 from dinotron.train.optim import apply_schedules, build_optimizer, clip_gradients
+from dinotron.train.parallel import parallelize, setup_distributed
 from dinotron.train.schedules import build_schedules
 
 log = logging.getLogger(__name__)
@@ -36,17 +38,8 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)  # before NCCL starts, so that its communicators use this GPU
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world, device
+class OutputDirInUse(ValueError):
+    """train.output_dir holds an earlier run's checkpoints and neither resume nor overwrite was asked for."""
 
 
 def seed_everything(seed: int) -> None:
@@ -159,10 +152,18 @@ class CollapseWatch:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False):
+    """DINOv2 training of `cfg` as this process's rank (torchrun, srun or one process); `fit()` runs it.
+
+    resume: continue from the latest checkpoint in cfg.train.output_dir (from scratch where there is none).
+    overwrite: start from scratch, rank 0 first deleting that folder's checkpoints, metrics.jsonl and tensorboard/.
+    Neither, where the folder holds checkpoints: OutputDirInUse on every rank, before anything is built.
+    """
+
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed()
         self.out_dir = Path(cfg.train.output_dir)
+        self._claim_output_dir(resume, overwrite)
         seed_everything(cfg.train.seed)  # the same initial weights on every rank (and broadcast, to be sure)
         self.model = DinoV2(cfg).to(self.device)
         if dist.is_initialized():
@@ -170,8 +171,11 @@ class Trainer:
                 dist.broadcast(t, src=0)
         seed_everything(cfg.train.seed + self.rank)
         self.model.train()
+        # After the broadcast (whole tensors), before the optimiser (it must see the sharded parameters).
+        self.parallel = parallelize(self.model, cfg, self.world, self.device)
+        log.info(f"parallel: {self.parallel} over {self.world} rank(s)")
         self.optimizer = build_optimizer(self.model.student, cfg.optim)
-        self.schedules = build_schedules(cfg, cfg.data.batch_size_per_gpu * self.world)
+        self.schedules = build_schedules(cfg, cfg.data.batch_size_per_gpu * self.world * cfg.train.grad_accum_steps)
         self.total_steps = cfg.optim.epochs * cfg.train.epoch_length
         self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self.autocast_dtype = _DTYPES[cfg.train.precision] if self.device.type == "cuda" else None
@@ -179,7 +183,6 @@ class Trainer:
         aug = cfg.data.augment
         grid = aug.global_size // self.model.patch_size
         self.mask_generator = BlockMaskGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
-        self.mask_rng = random.Random(cfg.train.seed * 1000 + self.rank)
         self.loader = build_train_loader(cfg, self.rank, self.world)
         self.step = 0
         self.collapse = CollapseWatch(cfg.train.collapse_patience)
@@ -193,81 +196,127 @@ class Trainer:
         self.metrics_file = self.out_dir / "metrics.jsonl"
         self.tb = self._tensorboard() if cfg.train.tensorboard and self.is_main else None
 
+    def _claim_output_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuse an output folder holding checkpoints unless resuming; with overwrite, empty it of the last run.
+        Rank 0 looks and deletes; the others learn its verdict (all-reduce) and wait for the deletion (barrier)."""
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in "
+                             f"{self.out_dir}, overwrite deletes it")
+        if overwrite:
+            if self.rank == 0:
+                old = ckpt.list_checkpoints(self.out_dir)
+                for path in old:
+                    if path.is_dir():  # a folder of per-rank shards
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
+                if old:
+                    log.info(f"--overwrite: deleted {len(old)} checkpoints and the metrics of {self.out_dir}")
+            if dist.is_initialized():
+                dist.barrier()  # no rank reads or writes the folder before rank 0 has emptied it
+        elif not resume and self._any_rank(self.rank == 0 and bool(ckpt.list_checkpoints(self.out_dir))):
+            raise OutputDirInUse(f"train.output_dir {self.out_dir} holds checkpoints of an earlier run: pass --resume "
+                                 "to continue it, or --overwrite to delete it and start from scratch")
+
     # ---- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        rng = ckpt.rng_state()
-        rngs = [None] * self.world
-        if dist.is_initialized():
-            dist.all_gather_object(rngs, {"rng": rng, "mask_rng": self.mask_rng.getstate()})
-        else:
-            rngs = [{"rng": rng, "mask_rng": self.mask_rng.getstate()}]
-        return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "loader": self.loader.state_dict(),
-            "rng_per_rank": rngs,
-            "config": to_dict(self.cfg),
-        }
+    def save(self) -> Path:
+        """Checkpoint at `step` through DCP: a collective, every rank writes its own shards of the model and
+        optimiser state and its RNG states; rank 0 the step, loader position, loss scaler and config."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        meta = {"step": self.step, "world_size": self.world, "scaler": self.scaler.state_dict(),
+                "loader": self.loader.state_dict(), "config": to_dict(self.cfg)}
+        return ckpt.save_checkpoint(self.out_dir, self.step, sharded={"model": model_state, "optimizer": optim_state},
+                                    meta=meta, rank_state={"rng": ckpt.rng_state()}, keep_last=self.cfg.train.keep_last)
 
     def _resume(self) -> None:
+        """Restore the latest checkpoint, written by any number of ranks: model, teacher, optimiser, centres,
+        step and loss scaler exactly; the data position re-derived for this world size; the RNG streams exactly
+        when the world size is the same, else restarted from (seed, step, rank)."""
         path = ckpt.latest_checkpoint(self.out_dir)
         if path is None:
             log.info(f"--resume: no checkpoint in {self.out_dir}, starting from scratch")
             return
-        state = ckpt.load_checkpoint(path)
-        saved = from_dict(state["config"])
-        if to_dict(saved)["model"] != to_dict(self.cfg)["model"]:
-            raise ValueError(f"{path} was trained with a different model config: {to_dict(saved)['model']}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:  # empty when saved without fp16 loss scaling
-            self.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(state["loader"])
-        if len(state["rng_per_rank"]) != self.world:
-            raise ValueError(f"{path} was saved by {len(state['rng_per_rank'])} ranks, resuming on {self.world}")
-        mine = state["rng_per_rank"][self.rank]
-        ckpt.set_rng_state(mine["rng"])
-        self.mask_rng.setstate(mine["mask_rng"])
-        self.step = state["step"]
+        meta = ckpt.load_meta(path)
+        saved = to_dict(from_dict(meta["config"]))
+        if saved["model"] != to_dict(self.cfg)["model"]:
+            raise ValueError(f"{path} was trained with a different model config: {saved['model']}")
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        ckpt.load_sharded(path, {"model": model_state, "optimizer": optim_state})
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        if meta["scaler"]:  # empty when saved without fp16 loss scaling
+            self.scaler.load_state_dict(meta["scaler"])
+        self.loader.load_state_dict(meta["loader"])
+        self.step = meta["step"]
+        mine = ckpt.load_rank_state(path, self.rank)
+        if meta["world_size"] == self.world and mine is not None:
+            ckpt.set_rng_state(mine["rng"])
+        else:
+            seed_everything(self.cfg.train.seed + self.step * 100_003 + self.rank)
+            log.warning(f"{path} was saved by {meta['world_size']} ranks, resuming on {self.world}: the data "
+                        "position is re-derived and random streams other than the masks restart from (seed, step, "
+                        "rank)")
         log.info(f"resumed from {path} at step {self.step}")
 
-    def save(self) -> Path | None:
-        state = self.state_dict()  # every rank takes part in gathering RNG states
-        if not self.is_main:
-            return None
-        return ckpt.save_checkpoint(self.out_dir, self.step, state, keep_last=self.cfg.train.keep_last)
-
     # ---- one step ---------------------------------------------------------------------------
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, *micro_batches: dict) -> dict[str, float]:
+        """One optimiser step over train.grad_accum_steps micro-batches of data.batch_size_per_gpu images each.
+
+        Gradients are reduced across ranks only in the last micro-batch's backward (FSDP2 / DDP); every
+        micro-batch's teacher targets use the centres of the step's start, which then take the micro-batches'
+        updates weighted by their rows, so the step equals one over the whole batch (softmax centring;
+        Sinkhorn-Knopp normalises each micro-batch). Returns the losses and indicators averaged over
+        micro-batches and ranks (one all_reduce and one host sync), gradient norms and schedule values.
+        """
         cfg = self.cfg
+        if len(micro_batches) != cfg.train.grad_accum_steps:
+            raise ValueError(f"train_step takes train.grad_accum_steps={cfg.train.grad_accum_steps} micro-batches, "
+                             f"got {len(micro_batches)}")
         sched = self.schedules.at(self.step)
         apply_schedules(self.optimizer, sched["lr"], sched["last_layer_lr"], sched["wd"])
-        global_crops = batch["global_crops"].to(self.device, non_blocking=True)
-        local = batch.get("local_crops")
-        local_crops = local.to(self.device, non_blocking=True) if local is not None else None
-        masks = sample_masks(
-            global_crops.shape[0],
+        n_global, n_micro = cfg.data.augment.n_global, len(micro_batches)
+        B = micro_batches[0]["global_crops"].shape[0] // n_global
+        masks = sample_masks_for_rank(  # keyed by (seed, step, global image), so the same for any world size
+            self.step,
+            cfg.train.seed,
             self.mask_generator,
-            self.mask_rng,
+            n_global,
+            B * n_micro,  # micro-batch k holds rows [k * B, (k + 1) * B) of every view
+            self.rank,
+            self.world,
             cfg.ibot.mask_sample_probability,
             cfg.ibot.mask_ratio_min_max,
-        ).to(self.device, non_blocking=True)
+        ).unflatten(0, (n_global, n_micro, B)).to(self.device, non_blocking=True)
+        centers = [self.model.dino_center, self.model.ibot_center]
+        start = [c.clone() for c in centers]
+        updated = [torch.zeros_like(c) for c in centers]
+        # Each micro-batch's centre update counts by its share of the step's rows: equal for the cls tokens,
+        # its masked patches over all ranks for iBOT (a collective only when accumulating).
+        cls_share = torch.full((n_micro,), 1.0 / n_micro, device=self.device)
+        patches = masks.sum(dim=(0, 2, 3)).float()
+        if n_micro > 1 and self.world > 1:
+            dist.all_reduce(patches)
+        patch_share = torch.where(patches.sum() > 0, patches / patches.sum().clamp_min(1.0), cls_share)
         autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        with autocast:
-            out = self.model(global_crops, local_crops, masks, sched["teacher_temp"])
-        values = {k: float(v.detach()) for k, v in out.items()}
-        bad = [f"{part} = {values[part]}" for part in LOSS_PARTS if not math.isfinite(values[part])]
-        if self._any_rank(bool(bad)):  # every rank stops at the same step, none is left in a collective
-            raise TrainingDiverged(
-                f"non-finite {', '.join(bad) or 'loss on another rank'} at step {self.step}; stopping. The last good "
-                f"checkpoint in {self.out_dir} is intact (try a lower optim.base_lr or train.precision=fp32)"
-            )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out["loss"]).backward()
-        if self.world > 1:
-            self._all_reduce_gradients()
+        totals = None
+        for k, batch in enumerate(micro_batches):
+            global_crops = batch["global_crops"].to(self.device, non_blocking=True)
+            local = batch.get("local_crops")
+            local_crops = local.to(self.device, non_blocking=True) if local is not None else None
+            for c, s in zip(centers, start, strict=True):
+                c.copy_(s)
+            with self._gradient_sync(k == n_micro - 1), autocast:
+                out = self.model(global_crops, local_crops, masks[:, k].flatten(0, 1), sched["teacher_temp"])
+                # FSDP2 / DDP average the gradients over ranks in the last micro-batch's backward
+                self.scaler.scale(out["loss"] / n_micro).backward()
+            torch._foreach_add_(updated, [centers[0] * cls_share[k], centers[1] * patch_share[k]])
+            parts = torch.stack([v.detach().float() for v in out.values()])
+            totals = parts if totals is None else totals + parts
+        for c, u in zip(centers, updated, strict=True):
+            c.copy_(u)
+        values = self._mean_over_ranks(list(out), totals / n_micro)
         self.scaler.unscale_(self.optimizer)
         norms = clip_gradients(self.model.student, cfg.optim.clip_grad)
         self.scaler.step(self.optimizer)
@@ -278,6 +327,30 @@ class Trainer:
         values.update(sched)
         return values
 
+    def _gradient_sync(self, enabled: bool):
+        """A context in which backward reduces gradients across ranks only if `enabled` (accumulation)."""
+        if self.parallel == "fsdp2":
+            self.model.student.set_requires_gradient_sync(enabled)
+        elif self.parallel == "ddp" and not enabled:
+            return self.model.student_forward.no_sync()
+        return nullcontext()
+
+    def _mean_over_ranks(self, names: list[str], local: torch.Tensor) -> dict[str, float]:
+        """{name: mean over ranks} of this rank's values; raises TrainingDiverged on every rank alike when a loss
+        is non-finite on any (one all_reduce, one host sync: every rank must call it)."""
+        both = torch.stack([local, local])
+        if self.world > 1:
+            dist.all_reduce(both[1])
+            both[1] /= self.world
+        mine, mean = (dict(zip(names, row, strict=True)) for row in both.tolist())
+        if not all(math.isfinite(mean[part]) for part in LOSS_PARTS):  # every rank stops at the same step
+            bad = [f"{part} = {mine[part]}" for part in LOSS_PARTS if not math.isfinite(mine[part])]
+            raise TrainingDiverged(
+                f"non-finite {', '.join(bad) or 'loss on another rank'} at step {self.step}; stopping. The last good "
+                f"checkpoint in {self.out_dir} is intact (try a lower optim.base_lr or train.precision=fp32)"
+            )
+        return mean
+
     def _any_rank(self, flag: bool) -> bool:
         """True when `flag` is True on any rank (a collective: every rank must call it)."""
         if self.world == 1:
@@ -286,13 +359,6 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t)
 
-    def _all_reduce_gradients(self) -> None:
-        grads = [p.grad for p in self.model.student.parameters() if p.grad is not None]
-        handles = [dist.all_reduce(g, async_op=True) for g in grads]
-        for h in handles:
-            h.wait()
-        torch._foreach_div_(grads, self.world)
-
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train until end_step or a stop signal; returns the last logged metrics (and k-NN)."""
@@ -300,29 +366,24 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=self.end_step, initial=self.step, disable=not (self.is_main and cfg.train.progress),
                    dynamic_ncols=True)
-        images = cfg.data.batch_size_per_gpu * self.world
+        images = cfg.data.batch_size_per_gpu * self.world * cfg.train.grad_accum_steps
         last: dict = {}
         stopping = False
+        steps = self.micro_batch_groups()
         try:
             while self.step < self.end_step and not stopping:
                 tic = time.perf_counter()
-                for batch in self.loader:
-                    last = {"step": self.step + 1, **self.train_step(batch)}
-                    last["images_per_s"] = images / (time.perf_counter() - tic)
-                    if self.device.type == "cuda":
-                        last["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    self._log(last, bar)
-                    # A signal may reach the ranks at different steps: they stop together after this one.
-                    stopping = self._any_rank(self.stop_signal is not None)
-                    if self.step % cfg.train.checkpoint_every == 0 or self.step == self.end_step or stopping:
-                        self.save()
-                    if self._knn_due():
-                        last.update(self._knn())
-                    if self.step >= self.end_step or stopping:
-                        break
-                    tic = time.perf_counter()
-                else:
-                    self.loader.set_epoch(self.loader.state_dict()["epoch"] + 1)
+                last = {"step": self.step + 1, **self.train_step(*next(steps))}
+                last["images_per_s"] = images / (time.perf_counter() - tic)
+                if self.device.type == "cuda":
+                    last["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                self._log(last, bar)
+                # A signal may reach the ranks at different steps: they stop together after this one.
+                stopping = self._any_rank(self.stop_signal is not None)
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == self.end_step or stopping:
+                    self.save()
+                if self._knn_due():
+                    last.update(self._knn())
         finally:
             bar.close()
             for s, handler in previous.items():
@@ -335,6 +396,17 @@ class Trainer:
         elif cfg.evaluation.knn_val_shards and not self._knn_due():
             last.update(self._knn())
         return last
+
+    def micro_batch_groups(self):
+        """Lists of train.grad_accum_steps consecutive batches, on across epoch ends."""
+        group = []
+        while True:
+            for batch in self.loader:
+                group.append(batch)
+                if len(group) == self.cfg.train.grad_accum_steps:
+                    yield group
+                    group = []
+            self.loader.set_epoch(self.loader.state_dict()["epoch"] + 1)
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None:  # a second signal: stop now

@@ -1,6 +1,22 @@
-"""iBOT block masking of the student's global crops, as dinov2 (data/masking.py + collate)."""
+"""iBOT block masking of the student's global crops, as dinov2 (data/masking.py + collate), world-size free.
+
+dinov2's collate masks exactly int(n * mask_probability) of a batch's n global crops, the i-th of them with a
+ratio drawn uniformly from the i-th of n_masked equal slices of mask_ratio_min_max, in shuffled order. Here n
+is the global batch of a step (every rank's crops), and every random choice is keyed by what it is about, not
+by the rank that makes it:
+
+- the assignment (which crops are masked, each one's ratio) is drawn from (seed, step) alone;
+- crop (view v, image g) gets its rectangles from a generator keyed by (seed, step, v, g).
+
+Global image g of a step, for rank r of R with B images per rank: g = j * R + r for the rank's row j (the
+loaders deal each epoch's permutation round-robin, so row j of rank r is epoch position (b*B + j) * R + r at
+batch b). Global crop c = v * (B * R) + g; a rank's rows are view-major, v * B + j. Any R with the same B * R
+thus gives every image the same masks. Cost per step and rank: O(n) for the assignment (a randperm of the
+global crops) plus the rectangles of the rank's own masked crops; no communication.
+"""
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 
@@ -51,20 +67,53 @@ class BlockMaskGenerator:
         return mask
 
 
-def sample_masks(
-    n_images: int,
+def _seed(*key: int) -> int:
+    """A 64-bit seed from integers; different keys give unrelated streams (blake2b of the key)."""
+    digest = hashlib.blake2b(repr(("dinotron.masking", *key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def sample_masks_for_rank(
+    step: int,
+    seed: int,
     generator: BlockMaskGenerator,
-    rng: random.Random,
+    n_global: int,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
     mask_probability: float = 0.5,
     ratio_min_max: tuple[float, float] = (0.1, 0.5),
 ) -> torch.Tensor:
-    """(n_images, H*W) bool masks: int(n_images * mask_probability) images get a block mask whose
-    ratio is drawn from consecutive slices of ratio_min_max (so ratios spread over the range), the
-    rest none; the order is shuffled. As dinov2's collate_data_and_cast."""
+    """iBOT masks of this rank's global crops at `step`: (n_global * batch_size, H*W) bool on CPU, rows view-major
+    (v * batch_size + j), as the model takes them.
+
+    Of the step's n = n_global * batch_size * world global crops, exactly int(n * mask_probability) are masked,
+    with ratios stratified over mask_ratio_min_max, as dinov2's collate_data_and_cast; which crops and which
+    ratios depend on (seed, step) only, and a crop's rectangles on (seed, step, view, global image index), so
+    the concatenation over ranks (interleaved as the module docstring says) is the same for any `world` with
+    the same batch_size * world. CPU work only (Python loops over the rank's masked crops); no collective.
+    """
+    if n_global < 1 or batch_size < 1:
+        raise ValueError(f"n_global and batch_size must be >= 1, got n_global={n_global}, batch_size={batch_size}")
+    if not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
     n_patches = generator.height * generator.width
-    n_masked = int(n_images * mask_probability)
-    bounds = torch.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1).tolist()
-    masks = [generator(int(n_patches * rng.uniform(bounds[i], bounds[i + 1])), rng).flatten() for i in range(n_masked)]
-    masks += [torch.zeros(n_patches, dtype=torch.bool)] * (n_images - n_masked)
-    rng.shuffle(masks)
-    return torch.stack(masks)
+    images = batch_size * world
+    n = n_global * images
+    n_masked = int(n * mask_probability)
+    g = torch.Generator().manual_seed(_seed(seed, step))
+    bounds = torch.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1, dtype=torch.float64)
+    u = torch.rand(n_masked, generator=g, dtype=torch.float64)
+    ratios = (bounds[:-1] + (bounds[1:] - bounds[:-1]) * u).tolist()  # the i-th masked crop's ratio, in slice i
+    slot = torch.empty(n, dtype=torch.long)
+    slot[torch.randperm(n, generator=g)] = torch.arange(n)  # crop c takes ratio slot[c] when slot[c] < n_masked
+    slot = slot.tolist()
+    masks = torch.zeros(n_global, batch_size, n_patches, dtype=torch.bool)
+    for v in range(n_global):
+        for j in range(batch_size):
+            image = j * world + rank
+            i = slot[v * images + image]
+            if i < n_masked:
+                rng = random.Random(_seed(seed, step, v, image))
+                masks[v, j] = generator(int(n_patches * ratios[i]), rng).flatten()
+    return masks.flatten(0, 1)

@@ -18,6 +18,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from dinotron import kernels
 from dinotron.train.config import Config, HeadConfig, ModelConfig
+from dinotron.train.parallel import local_tensors
 
 
 class DINOHead(nn.Module):
@@ -174,6 +175,35 @@ class Backbone(nn.Module):
         return outs
 
 
+class MultiCropModel(nn.ModuleDict):
+    """A backbone with its heads ("backbone", "dino_head", optional "ibot_head"), run in one forward call
+    so that DDP and FSDP2 (whose hooks sit on this module's call) see one forward per step."""
+
+    def heads(self, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DINO logits of cls tokens, iBOT logits of patch tokens (one head call when shared)."""
+        if "ibot_head" in self:
+            return self.dino_head(cls_tokens), self.ibot_head(patch_tokens)
+        out = self.dino_head(torch.cat([cls_tokens, patch_tokens]))
+        return out[: cls_tokens.shape[0]], out[cls_tokens.shape[0] :]
+
+    def forward(self, global_crops: torch.Tensor, masks: torch.Tensor, local_crops: torch.Tensor | None = None, *,
+                mask_input: bool = True, pack: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """global_crops (n_global*B, 3, G, G), masks (n_global*B, (G/p)^2) bool, local_crops (n_local*B, 3, L, L)
+        or None. The masked patch embeddings are replaced by the mask token when mask_input (the student).
+        Returns (cls tokens of the global crops, DINO logits of every crop's cls token (global then local),
+        iBOT logits of the masked global patches)."""
+        backbone = self.backbone
+        input_masks = masks if mask_input else None
+        if pack and local_crops is not None:
+            g, local = backbone.forward_packed([(global_crops, input_masks), (local_crops, None)])
+        else:
+            g = backbone(global_crops, input_masks)
+            local = backbone(local_crops) if local_crops is not None else None
+        cls_tokens = g.cls if local is None else torch.cat([g.cls, local.cls])
+        cls_logits, patch_logits = self.heads(cls_tokens, g.patches[masks])
+        return g.cls, cls_logits, patch_logits
+
+
 class DinoV2(nn.Module):
     """Student and EMA teacher (backbone, DINO head, iBOT head) with dinov2's objective.
 
@@ -190,7 +220,7 @@ class DinoV2(nn.Module):
         student = {"backbone": student_backbone, "dino_head": DINOHead(embed_dim, cfg.dino.head)}
         if cfg.ibot.separate_head:
             student["ibot_head"] = DINOHead(embed_dim, cfg.ibot.head)
-        self.student = nn.ModuleDict(student)
+        self.student = MultiCropModel(student)
         self.teacher = copy.deepcopy(self.student)
         for block in self.teacher.backbone.vit.blocks:  # the teacher runs without stochastic depth
             block.drop_path1 = nn.Identity()
@@ -204,9 +234,6 @@ class DinoV2(nn.Module):
             kernels.swap_timm_attention(self.teacher.backbone.vit)
         if mc.pack_crops and mc.attention != "dinotron":
             raise ValueError("model.pack_crops needs model.attention=dinotron (varlen attention)")
-        if mc.compile:
-            self.student.backbone.compile()
-            self.teacher.backbone.compile()
 
     @property
     def ibot_prototypes(self) -> int:
@@ -221,40 +248,39 @@ class DinoV2(nn.Module):
         self.teacher.eval()
         return self
 
-    def _heads(self, part: nn.ModuleDict, cls_tokens: torch.Tensor,
-               patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """DINO logits of cls tokens, iBOT logits of patch tokens (one head call when shared)."""
-        if "ibot_head" in part:
-            return part.dino_head(cls_tokens), part.ibot_head(patch_tokens)
-        out = part.dino_head(torch.cat([cls_tokens, patch_tokens]))
-        return out[: cls_tokens.shape[0]], out[cls_tokens.shape[0] :]
+    @property
+    def student_forward(self) -> nn.Module:
+        """The student's forward: the student itself, or its DistributedDataParallel wrapper once set."""
+        return self.__dict__.get("_student_forward", self.student)
+
+    def wrap_student(self, wrapper: nn.Module) -> None:
+        """Run the student through `wrapper` (DDP), kept out of the submodules: state dict keys stay student.*."""
+        self.__dict__["_student_forward"] = wrapper
 
     @torch.no_grad()
     def teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor, teacher_temp: float) -> dict:
-        """Teacher probabilities for the student's DINO (cls) and iBOT (masked patch) targets."""
-        out = self.teacher.backbone(global_crops)
-        cls_logits, patch_logits = self._heads(self.teacher, out.cls, out.patches[masks])
+        """Teacher probabilities for the student's DINO (cls) and iBOT (masked patch) targets.
+
+        The centring ops run on every rank every step, with zero masked patches too: they all-reduce
+        (centre sums, Sinkhorn's column sums), so a rank that skipped them would leave the others in a
+        mismatched collective. A rank without masked patches contributes zeros; with none anywhere the
+        iBOT centre stays as it was."""
+        _, cls_logits, patch_logits = self.teacher(global_crops, masks, mask_input=False)
         tc = self.cfg.teacher
         if tc.centering == "softmax":  # targets use the previous centre, then the centre takes this batch in
             cls_probs, center = kernels.softmax_center_and_update_teacher(
                 cls_logits, self.dino_center, teacher_temp, tc.center_momentum, check_finite=False
             )
             self.dino_center.copy_(center)
-            if patch_logits.shape[0]:
-                patch_probs, center = kernels.softmax_center_and_update_teacher(
-                    patch_logits, self.ibot_center, teacher_temp, tc.center_momentum, check_finite=False
-                )
-                self.ibot_center.copy_(center)
-            else:
-                patch_probs = patch_logits.float()
+            patch_probs, center = kernels.softmax_center_and_update_teacher(
+                patch_logits, self.ibot_center, teacher_temp, tc.center_momentum, check_finite=False
+            )
+            self.ibot_center.copy_(center)
         else:
             cls_probs = kernels.sinkhorn_knopp_teacher(cls_logits, teacher_temp, tc.sinkhorn_iterations,
                                                        check_finite=False)
-            patch_probs = (
-                kernels.sinkhorn_knopp_teacher(patch_logits, teacher_temp, tc.sinkhorn_iterations, check_finite=False)
-                if patch_logits.shape[0]
-                else patch_logits.float()
-            )
+            patch_probs = kernels.sinkhorn_knopp_teacher(patch_logits, teacher_temp, tc.sinkhorn_iterations,
+                                                         check_finite=False)
         return {"cls_probs": cls_probs, "patch_probs": patch_probs}
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
@@ -268,41 +294,38 @@ class DinoV2(nn.Module):
         cfg = self.cfg
         n_global = cfg.data.augment.n_global
         targets = self.teacher_targets(global_crops, masks, teacher_temp)
-        backbone = self.student.backbone
         has_local = local_crops is not None and local_crops.shape[0] > 0
-        if cfg.model.pack_crops and has_local:
-            s_global, s_local = backbone.forward_packed([(global_crops, masks), (local_crops, None)])
-        else:
-            s_global = backbone(global_crops, masks)
-            s_local = backbone(local_crops) if has_local else None
-        cls_tokens = s_global.cls if s_local is None else torch.cat([s_global.cls, s_local.cls])
-        cls_logits, patch_logits = self._heads(self.student, cls_tokens, s_global.patches[masks])
+        global_cls, cls_logits, patch_logits = self.student_forward(
+            global_crops, masks, local_crops if has_local else None, pack=cfg.model.pack_crops
+        )
 
         n_views = cls_logits.shape[0] // (global_crops.shape[0] // n_global)
         student_views = cls_logits.unflatten(0, (n_views, -1))
         teacher_views = targets["cls_probs"].unflatten(0, (n_global, -1))
         dino = kernels.dino_loss(student_views, teacher_views, cfg.dino.student_temp, check_finite=False)
-        koleo = sum(kernels.koleo_loss(c.float(), check_finite=False) for c in s_global.cls.chunk(n_global))
-        if patch_logits.shape[0]:
-            ibot = kernels.ibot_patch_loss(
-                patch_logits, targets["patch_probs"], masks, cfg.dino.student_temp, check_finite=False
-            )
+        if cfg.dino.koleo_loss_weight > 0:  # as dinov2's do_koleo
+            koleo = sum(kernels.koleo_loss(c.float(), check_finite=False) for c in global_cls.chunk(n_global))
         else:
-            ibot = patch_logits.sum().float() * 0.0
+            koleo = global_cls.new_zeros((), dtype=torch.float32)
+        # no masked patch: 0, with a zero gradient that still reaches the iBOT head (every rank's
+        # parameters get a gradient, so the gradient all-reduce sees the same tensors on every rank)
+        ibot = kernels.ibot_patch_loss(patch_logits, targets["patch_probs"], masks, cfg.dino.student_temp,
+                                       check_finite=False)
         total = cfg.dino.loss_weight * dino + cfg.dino.koleo_loss_weight * koleo + cfg.ibot.loss_weight * ibot
         return {
             "loss": total,
             "dino_loss": dino,
             "koleo_loss": koleo,
             "ibot_loss": ibot,
-            **collapse_indicators(targets["cls_probs"], s_global.cls),
+            **collapse_indicators(targets["cls_probs"], global_cls),
         }
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, over every parameter."""
-        t = list(self.teacher.parameters())
-        s = list(self.student.parameters())
+        """teacher = momentum * teacher + (1 - momentum) * student, over every parameter; under FSDP2 on each
+        rank's own shards (teacher and student are sharded alike), so no communication."""
+        t = local_tensors(self.teacher.parameters())
+        s = local_tensors(self.student.parameters())
         torch._foreach_mul_(t, momentum)
         torch._foreach_add_(t, s, alpha=1.0 - momentum)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from dinotron.train.config import OptimConfig
+from dinotron.train.parallel import full_tensor
 
 _EMBEDDINGS = ("patch_embed", "pos_embed", "cls_token", "reg_token", "mask_token")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -53,7 +54,11 @@ def param_groups(student: nn.ModuleDict, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(student: nn.ModuleDict, cfg: OptimConfig) -> torch.optim.AdamW:
-    fused = all(p.is_cuda for p in student.parameters())
+    """AdamW over param_groups; fused on CUDA for plain tensors, foreach for FSDP2's sharded (DTensor) ones."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(student.parameters())
+    fused = all(p.is_cuda for p in params) and not any(isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(param_groups(student, cfg), lr=0.0, betas=(cfg.adamw_beta1, cfg.adamw_beta2),
                              fused=fused or None)
 
@@ -65,8 +70,13 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, last_layer_lr: 
 
 
 def clip_gradients(student: nn.ModuleDict, max_norm: float) -> dict[str, torch.Tensor]:
-    """Clip each part (backbone, heads) to max_norm separately, as dinov2; returns the norms."""
-    return {
-        name: torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm if max_norm > 0 else float("inf"))
-        for name, part in student.items()
-    }
+    """Clip each part (backbone, heads) to max_norm separately, as dinov2; returns the norms. With FSDP2's
+    sharded gradients the norm is taken over every rank's shards (a collective on every rank)."""
+    norms = {}
+    for name, part in student.items():
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        norm = full_tensor(torch.nn.utils.get_total_norm(grads))
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(part.parameters(), max_norm, norm)
+        norms[name] = norm
+    return norms
