@@ -93,6 +93,7 @@ def _rank(rank, world, port, args, mode, results):
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     results[rank] = {"ms": statistics.median(times), "peak": peak, "cuda": trainer.device.type == "cuda"}
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank closes its connections while another still uses them
         torch.distributed.destroy_process_group()
 
 

@@ -50,6 +50,8 @@ class DinoConfig:
     loss_weight: float = 1.0
     student_temp: float = 0.1
     koleo_loss_weight: float = 0.1
+    # KoLeo's nearest neighbours among each rank's own batch (dinov2), or among every rank's (true)
+    koleo_all_ranks: bool = False
     head: HeadConfig = field(default_factory=HeadConfig)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
@@ -304,7 +305,9 @@ class DinoV2(nn.Module):
         teacher_views = targets["cls_probs"].unflatten(0, (n_global, -1))
         dino = kernels.dino_loss(student_views, teacher_views, cfg.dino.student_temp, check_finite=False)
         if cfg.dino.koleo_loss_weight > 0:  # as dinov2's do_koleo
-            koleo = sum(kernels.koleo_loss(c.float(), check_finite=False) for c in global_cls.chunk(n_global))
+            group = dist.group.WORLD if cfg.dino.koleo_all_ranks and dist.is_initialized() else None
+            koleo = sum(kernels.koleo_loss(c.float(), group=group, check_finite=False)
+                        for c in global_cls.chunk(n_global))
         else:
             koleo = global_cls.new_zeros((), dtype=torch.float32)
         # no masked patch: 0, with a zero gradient that still reaches the iBOT head (every rank's

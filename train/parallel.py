@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
@@ -155,6 +156,10 @@ def checkpoint_block(block: nn.Module, mode: Literal["full", "selective"]) -> No
 
 def _fully_shard(part: nn.ModuleDict, cfg: Config) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # FSDP2 warns about every module output that is a view (cls token slices, split logits): the trainer
+    # never modifies them in place, the case that warning is about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
     compute = _DTYPES[cfg.train.precision] if torch.cuda.is_available() else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute,
