@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "benchmarks" / "README.md"
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
-METRICS = ("ms", "peak_mib", "tflops", "gbps", "images_per_s")
+METRICS = ("ms", "peak_mib", "peak_rss_mib", "tflops", "gbps", "images_per_s")
 
 
 def table(record: dict) -> str:

@@ -143,7 +143,7 @@ KOLEO_ALL_RANKS = ("dino.koleo_loss_weight=0.1", "dino.koleo_all_ranks=true", "m
 
 
 @pytest.mark.parametrize("mode,world,overrides", [
-    ("fsdp2", 2, ()), ("ddp", 2, ()), ("fsdp2", 4, ()),
+    ("fsdp2", 2, ()), ("ddp", 2, ()), ("fsdp2", 4, ()), ("ddp", 4, ()),
     ("fsdp2", 2, KOLEO_ALL_RANKS),  # KoLeo searching every rank's rows equals KoLeo over the global batch
 ])
 def test_ranks_equal_one_process(one_process, mode, world, overrides):

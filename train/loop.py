@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from tqdm import tqdm
 
 from dinotron.train import checkpoint as ckpt
@@ -179,7 +180,9 @@ class Trainer:
         self.total_steps = cfg.optim.epochs * cfg.train.epoch_length
         self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self.autocast_dtype = _DTYPES[cfg.train.precision] if self.device.type == "cuda" else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        # fp16 loss scaling; under FSDP2 the sharded scaler agrees on inf / NaN gradients across ranks
+        scaler = ShardedGradScaler if self.parallel == "fsdp2" else torch.amp.GradScaler
+        self.scaler = scaler("cuda", enabled=self.autocast_dtype == torch.float16)
         aug = cfg.data.augment
         grid = aug.global_size // self.model.patch_size
         self.mask_generator = BlockMaskGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
