@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from dinotron.train import checkpoint as ckpt
 from dinotron.train import cli, loop
 from dinotron.train.config import load_config
+from dinotron.train.knn import extract_features
 from helpers import TINY
 
 STEPS = 5
@@ -200,3 +201,28 @@ def test_rank_killed_mid_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     resumed.fit()
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-00000001", "checkpoint-00000002"]
     assert not (run / ".checkpoint-00000002.tmp").exists()
+
+
+def _knn_worker(rank, tmp, results):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init-knn", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    loop.build_train_loader = lambda cfg, r, w: PositionLoader(cfg.data.batch_size_per_gpu, r, w)
+    try:
+        trainer = loop.Trainer(_config(tmp / "knn", "fsdp2", 2))
+        g = torch.Generator().manual_seed(rank)
+        batches = [{"images": torch.randn(3, 3, 32, 32, generator=g), "labels": torch.arange(3)}
+                   for _ in range(2 - rank)]  # rank 0 holds 2 batches, rank 1 one
+        feats, labels = extract_features(trainer.model.teacher.backbone, batches, trainer.device, image_size=32)
+        results[rank] = (tuple(feats.shape), labels.tolist())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_knn_features_under_fsdp2_with_uneven_batches(tmp_path):
+    """The sharded teacher gathers its parameters in every call: a rank with fewer eval batches makes the
+    same number of calls (before: the ranks' collectives paired up wrongly, a hang on NCCL)."""
+    results = mp.Manager().dict()
+    mp.spawn(_knn_worker, args=(tmp_path, results), nprocs=2, join=True)
+    assert results[0] == results[1] == ((9, 32), [0, 1, 2, 0, 1, 2, 0, 1, 2])

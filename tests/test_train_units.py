@@ -353,6 +353,12 @@ def test_checkpoints_atomic_and_pruned(tmp_path, monkeypatch):
     _save(tmp_path, 50, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000030", "checkpoint-00000050"], (
         "the next save removes the partial one")
+    ckpt.save_checkpoint(tmp_path, 50, sharded={"w": torch.full((3,), -1.0)}, meta={"step": 50}, rank_state={},
+                         keep_last=2)  # the same step again (a resumed run that stopped where it started)
+    again = {"w": torch.zeros(3)}
+    ckpt.load_sharded(tmp_path / "checkpoint-00000050", again)
+    assert torch.equal(again["w"], torch.full((3,), -1.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000030", "checkpoint-00000050"]
     (tmp_path / "checkpoint-00000060").mkdir()  # no meta.pt: not a checkpoint
     assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-00000050"
     (tmp_path / "checkpoint-00000050" / ckpt.META).write_bytes(b"garbage")
@@ -543,3 +549,14 @@ def test_compile_per_block_matches_eager():
     torch.testing.assert_close(c_loss, loss)
     for name, grad in grads.items():
         torch.testing.assert_close(c_grads[name], grad, rtol=1.3e-6, atol=1e-5 * grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (["train.parallel=none"], 2, "train.parallel=none runs one process, not 2"),
+    (["train.activation_checkpointing=full", "model.attention=dinotron", "model.pack_crops=true"], 1,
+     "activation_checkpointing needs model.pack_crops=false"),
+])
+def test_parallelize_refuses_what_would_train_wrong(overrides, world, match):
+    cfg = tiny_config(*overrides)
+    with pytest.raises(ValueError, match=match):
+        parallelize(DinoV2(cfg), cfg, world, torch.device("cpu"))

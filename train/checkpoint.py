@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
-_TMP = re.compile(r"^\.checkpoint-\d{8}\.tmp$")
+_TMP = re.compile(r"^\.checkpoint-\d{8}(\.discard)?\.tmp$")
 META = "meta.pt"
 
 
@@ -102,14 +102,24 @@ def save_checkpoint(directory: str | Path, step: int, *, sharded: dict, meta: di
         _write(tmp / META, meta)
         _fsync(tmp)
         if path.exists():  # the same step saved again (a resumed run that stopped where it started)
-            shutil.rmtree(path)
+            _discard(path)
         os.replace(tmp, path)
         _fsync(directory)
         if keep_last > 0:
             for old in list_checkpoints(directory)[:-keep_last]:
-                shutil.rmtree(old)
+                _discard(old)
     _barrier()  # no rank goes on before the checkpoint exists
     return path
+
+
+def _discard(path: Path) -> None:
+    """Delete a complete checkpoint: first renamed to a temporary name (atomic), so that a crash while
+    deleting leaves a folder that is ignored and removed by the next save, never a partial "checkpoint"."""
+    trash = path.with_name(f".{path.name}.discard.tmp")  # not the new checkpoint's .<name>.tmp
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
 
 
 def load_meta(path: str | Path) -> dict:

@@ -1,7 +1,7 @@
 """Weighted k-NN classification on frozen cls features (DINO / dinov2's k-NN evaluation)."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sized
 
 import torch
 import torch.distributed as dist
@@ -9,27 +9,46 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def extract_features(backbone, batches: Iterable[dict], device: torch.device,
-                     autocast_dtype: torch.dtype | None = None):
+def extract_features(backbone, batches: Sized, device: torch.device, autocast_dtype: torch.dtype | None = None, *,
+                     image_size: int = 224):
     """L2-normalised cls features and labels of every batch, gathered from all ranks.
 
-    backbone: callable images -> object with `.cls` (B, C). Returns ((N, C) float32, (N,) int64) on `device`.
+    backbone: callable images -> object with `.cls` (B, C); batches: a loader or list (len() is read first).
+    Returns ((N, C) float32, (N,) int64) on `device`. With torch.distributed, every rank calls the backbone
+    equally often (a sharded backbone gathers its parameters in each call): the batch counts are agreed
+    first, and a rank with fewer batches runs the difference on a throwaway image (its first, or zeros of
+    `image_size`); "no images" is decided over all ranks.
     """
-    feats, labels = [], []
+    distributed = dist.is_available() and dist.is_initialized()
+    calls = len(batches)
+    if distributed:
+        most = torch.tensor(calls, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        calls = int(most)
+    feats, labels, spare, width = [], [], None, None
     for batch in batches:
         if batch.get("labels") is None:
             raise ValueError("k-NN evaluation needs labelled shards (<key>.cls in every sample)")
         images = batch["images"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            cls = backbone(images).cls
-        feats.append(F.normalize(cls.float(), dim=-1))
+        spare = images[:1] if spare is None else spare
+        feats.append(F.normalize(_cls(backbone, images, device, autocast_dtype).float(), dim=-1))
         labels.append(batch["labels"].to(device).long())
-    if not feats:
+        width = feats[-1].shape[1]
+    spare = spare if spare is not None else torch.zeros(1, 3, image_size, image_size, device=device)
+    for _ in range(calls - len(feats)):
+        width = _cls(backbone, spare, device, autocast_dtype).shape[1]
+    if calls == 0:
         raise ValueError("k-NN evaluation got no images")
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if dist.is_available() and dist.is_initialized():
+    feats = torch.cat(feats) if feats else torch.zeros(0, width, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    if distributed:
         feats, labels = _all_gather_rows(feats), _all_gather_rows(labels)
     return feats, labels
+
+
+def _cls(backbone, images: torch.Tensor, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        return backbone(images).cls
 
 
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:

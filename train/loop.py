@@ -110,9 +110,9 @@ def evaluate_knn(model: DinoV2, cfg: Config, device: torch.device, rank: int = 0
     try:
         backbone = model.teacher.backbone
         train_f, train_l = extract_features(backbone, build_eval_loader(cfg, ev.knn_train_shards, rank, world), device,
-                                            autocast)
+                                            autocast, image_size=ev.image_size)
         val_f, val_l = extract_features(backbone, build_eval_loader(cfg, ev.knn_val_shards, rank, world), device,
-                                        autocast)
+                                        autocast, image_size=ev.image_size)
     finally:
         model.train(was_training)
     return knn_classify(train_f, train_l, val_f, val_l, k=ev.k, temperature=ev.temperature)

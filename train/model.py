@@ -7,7 +7,7 @@ cross-view pairs, iBOT loss on masked patches, KoLeo on the student's global cls
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import timm
 import torch
@@ -56,8 +56,9 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
-@dataclass
-class BackboneOutput:
+class BackboneOutput(NamedTuple):
+    """A NamedTuple, so that FSDP2 finds its tensors (pytree) to hook the backward of a sharded backbone."""
+
     cls: torch.Tensor  # (B, C) normed cls token
     patches: torch.Tensor  # (B, N, C) normed patch tokens (registers excluded)
 
@@ -342,11 +343,11 @@ def collapse_indicators(teacher_probs: torch.Tensor, student_cls: torch.Tensor) 
     p = teacher_probs.float()
     K = p.shape[1]
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=1).mean() / torch.log(torch.tensor(float(K)))
-    in_use = torch.unique(p.argmax(dim=1)).numel() / min(K, p.shape[0])
+    in_use = (torch.bincount(p.argmax(dim=1), minlength=K) > 0).sum() / max(min(K, p.shape[0]), 1)
     f = F.normalize(student_cls.float(), dim=-1)
     std = f.std(dim=0).mean() * f.shape[1] ** 0.5 if f.shape[0] > 1 else f.new_zeros(())
     return {
         "teacher_entropy": entropy.detach(),
-        "prototypes_in_use": torch.tensor(in_use),
+        "prototypes_in_use": in_use.float(),  # on the logits' device: no host sync
         "feature_std": std.detach(),
     }

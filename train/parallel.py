@@ -130,6 +130,8 @@ def parallel_mode(cfg: Config, world: int) -> Mode:
     mode = cfg.train.parallel
     if mode == "auto":
         return "fsdp2" if world > 1 else "none"
+    if mode == "none" and world > 1:  # the ranks would train separate models
+        raise ValueError(f"train.parallel=none runs one process, not {world}: use fsdp2 or ddp (or auto)")
     if mode != "none" and world == 1 and not torch.distributed.is_initialized():
         raise ValueError(f"train.parallel={mode} needs torch.distributed: launch with torchrun or srun")
     return mode
@@ -154,7 +156,7 @@ def checkpoint_block(block: nn.Module, mode: Literal["full", "selective"]) -> No
     block.forward = checkpointed
 
 
-def _fully_shard(part: nn.ModuleDict, cfg: Config) -> None:
+def _fully_shard(part: nn.ModuleDict, cfg: Config, reshard_after_forward: bool) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # FSDP2 warns about every module output that is a view (cls token slices, split logits): the trainer
@@ -164,7 +166,7 @@ def _fully_shard(part: nn.ModuleDict, cfg: Config) -> None:
     compute = _DTYPES[cfg.train.precision] if torch.cuda.is_available() else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute,
                                   reduce_dtype=_DTYPES[cfg.fsdp.reduce_dtype] if compute != torch.float32 else None)
-    shard = functools.partial(fully_shard, mp_policy=policy, reshard_after_forward=cfg.fsdp.reshard_after_forward)
+    shard = functools.partial(fully_shard, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     blocks = list(part["backbone"].vit.blocks)
     for block in blocks:
         shard(block)
@@ -180,6 +182,9 @@ def _fully_shard(part: nn.ModuleDict, cfg: Config) -> None:
 def parallelize(model: nn.Module, cfg: Config, world: int, device: torch.device) -> Mode:
     """Prepares `model` (a DinoV2) in place for train.parallel; returns the mode it resolved to."""
     mode = parallel_mode(cfg, world)
+    if cfg.train.activation_checkpointing != "none" and cfg.model.pack_crops:
+        # the recomputation in backward would run outside the packed-sequence context of the forward
+        raise ValueError("train.activation_checkpointing needs model.pack_crops=false")
     for part in (model.student, model.teacher):
         for block in part["backbone"].vit.blocks:
             if cfg.train.activation_checkpointing != "none" and part is model.student:
@@ -187,8 +192,10 @@ def parallelize(model: nn.Module, cfg: Config, world: int, device: torch.device)
             if cfg.model.compile:
                 block.compile()
     if mode == "fsdp2":
-        _fully_shard(model.student, cfg)
-        _fully_shard(model.teacher, cfg)
+        _fully_shard(model.student, cfg, cfg.fsdp.reshard_after_forward)
+        # The teacher has no backward to reshard it: always after forward, so that the EMA update finds
+        # the sharded fp32 parameters, not a gathered copy.
+        _fully_shard(model.teacher, cfg, True)
     elif mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
