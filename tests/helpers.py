@@ -134,3 +134,18 @@ def eval_oracle(shards: list[str], image_size: int, resize_size: int, mean, std)
             images.append(TF.normalize(x, list(mean), list(std)))
             labels.append(int(sample["cls"]))
     return torch.stack(images), torch.tensor(labels)
+
+
+# ---- process groups -----------------------------------------------------------------------------
+
+def join_trainer_ranks(rank: int, world: int, init_file) -> None:
+    """Start a gloo process group of `world` ranks through `init_file` (60 s timeout: a collective mismatch
+    fails instead of hanging) and export what the trainer's setup_distributed reads, as torchrun would."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-from datetime import timedelta
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from dinotron.train import checkpoint as ckpt
 from dinotron.train import cli, loop
 from dinotron.train.config import load_config
 from dinotron.train.knn import extract_features
-from helpers import TINY
+from helpers import TINY, join_trainer_ranks
 
 STEPS = 5
 GLOBAL_BATCH = 4
@@ -85,9 +84,7 @@ def _worker(rank, world, tmp, job, results):
     """One rank of `job` = (name, mode, per-rank batch, steps, overrides, resume, kill_rank_at_save)."""
     name, mode, batch_size, steps, overrides, resume, kill_at = job
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/init-{name}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+        join_trainer_ranks(rank, world, tmp / f"init-{name}")
     loop.build_train_loader = lambda cfg, r, w: PositionLoader(cfg.data.batch_size_per_gpu, r, w)
     try:
         out = tmp / (resume or name)
@@ -204,9 +201,7 @@ def test_rank_killed_mid_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 
 def _knn_worker(rank, tmp, results):
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init-knn", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    join_trainer_ranks(rank, 2, tmp / "init-knn")
     loop.build_train_loader = lambda cfg, r, w: PositionLoader(cfg.data.batch_size_per_gpu, r, w)
     try:
         trainer = loop.Trainer(_config(tmp / "knn", "fsdp2", 2))

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-from datetime import timedelta
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.multiprocessing as mp
 from dinotron.train import checkpoint as ckpt
 from dinotron.train import loop
 from dinotron.train.config import load_config
-from helpers import TINY, MemoryLoader
+from helpers import TINY, MemoryLoader, join_trainer_ranks
 
 
 @pytest.fixture
@@ -117,9 +116,7 @@ def test_nan_from_the_data_stops_through_the_real_kernels(tmp_path, memory_loade
 
 
 def _two_rank_worker(rank, tmp_path, results):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    join_trainer_ranks(rank, 2, tmp_path / "init")
     loop.build_train_loader = lambda cfg, rank, world: MemoryLoader(seed=rank)
     try:
         torch.manual_seed(100 + rank)  # whatever the RNG state before, the ranks start from the same weights
@@ -245,9 +242,7 @@ def _record_masks(trainer) -> list:
 
 
 def _two_rank_output_dir_worker(rank, tmp_path, results):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    join_trainer_ranks(rank, 2, tmp_path / "init")
     loop.build_train_loader = lambda cfg, rank, world: MemoryLoader(seed=rank)
     try:
         out = {}
