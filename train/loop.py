@@ -237,7 +237,10 @@ class Trainer:
         """Restore the latest checkpoint, written by any number of ranks: model, teacher, optimiser, centres,
         step and loss scaler exactly; the data position re-derived for this world size; the RNG streams exactly
         when the world size is the same, else restarted from (seed, step, rank)."""
-        path = ckpt.latest_checkpoint(self.out_dir)
+        path = [ckpt.latest_checkpoint(self.out_dir)]
+        if dist.is_initialized():  # rank 0 decides: a shared file system may list the folder late elsewhere
+            dist.broadcast_object_list(path, src=0)
+        path = path[0]
         if path is None:
             log.info(f"--resume: no checkpoint in {self.out_dir}, starting from scratch")
             return
