@@ -102,19 +102,20 @@ def save_checkpoint(directory: str | Path, step: int, *, sharded: dict, meta: di
         _write(tmp / META, meta)
         _fsync(tmp)
         if path.exists():  # the same step saved again (a resumed run that stopped where it started)
-            _discard(path)
+            remove_checkpoint(path)
         os.replace(tmp, path)
         _fsync(directory)
         if keep_last > 0:
             for old in list_checkpoints(directory)[:-keep_last]:
-                _discard(old)
+                remove_checkpoint(old)
     _barrier()  # no rank goes on before the checkpoint exists
     return path
 
 
-def _discard(path: Path) -> None:
-    """Delete a complete checkpoint: first renamed to a temporary name (atomic), so that a crash while
-    deleting leaves a folder that is ignored and removed by the next save, never a partial "checkpoint"."""
+def remove_checkpoint(path: Path) -> None:
+    """Delete a complete checkpoint (pruning, a step saved again, --overwrite): first renamed to a temporary
+    name (atomic), so that a crash while deleting leaves a folder that is ignored and removed by the next
+    save, never a partial "checkpoint"."""
     trash = path.with_name(f".{path.name}.discard.tmp")  # not the new checkpoint's .<name>.tmp
     if trash.exists():
         shutil.rmtree(trash)

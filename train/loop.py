@@ -209,10 +209,7 @@ class Trainer:
             if self.rank == 0:
                 old = ckpt.list_checkpoints(self.out_dir)
                 for path in old:
-                    if path.is_dir():  # a folder of per-rank shards
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
+                    ckpt.remove_checkpoint(path)
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
                 shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
                 if old:
