@@ -96,7 +96,7 @@ def packed_impls(args, xops, groups):
     lengths = [n for b, n in groups for _ in range(b)]
     cu_seqlens, max_seqlen = make_cu_seqlens(lengths)
     stack = contextlib.ExitStack()
-    packing = stack.enter_context(packed_sequences(cu_seqlens, max_seqlen))  # checked once, as the trainer does
+    packing = stack.enter_context(packed_sequences(cu_seqlens.to(args.device), max_seqlen))  # offsets on the device
 
     def per_group(qkv):
         """Views (B, N, 3, H, D) of each group's tokens."""

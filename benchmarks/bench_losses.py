@@ -12,8 +12,10 @@ of facebookresearch/dino's DINOLoss that lightly used before 1.6 (a log_softmax 
 `eager_vectorised` lightly 1.6.0's DINOLoss.forward written out (stack, softmax, log_softmax, one
 einsum), `torch_compile` that function compiled, `dinotron` dinotron.kernels.DINOLoss (on CUDA the
 fused kernels; on CPU what a CPU user gets, the eager fallback, never the Triton interpreter),
-`dinotron_unchecked` the same with check_finite=False (no host sync). peak_mib (CUDA only) is what
-the step allocates beyond its inputs: the returned gradient (S x B x K) is part of it.
+`dinotron_checked` the same with check_finite=True (one host sync per step; off by default).
+peak_mib (CUDA only) is what the step allocates beyond its inputs: the returned gradient (S x B x K)
+is part of it. The student views are separate tensors, as lightly's users pass them: dinotron stacks
+them once in forward and once in backward (views of one tensor, or an (S, B, K) tensor, are read in place).
 Sinkhorn rows time the teacher targets of 2B rows (both global crops, as dinov2), forward only:
 `eager_dinov2` is dinov2's sinkhorn_knopp_teacher (exp of the logits, in place divisions),
 `eager_logspace` dinotron's reference, `torch_compile` dinov2's compiled, `dinotron` the public op.
@@ -78,8 +80,8 @@ def loss_impls(K: int, device: str, compile_: bool) -> dict:
     vectorised = EagerDINOLoss(K, device, vectorised=True)
     out = {
         "dinotron": DINOLoss(K, TEACHER_TEMP, TEACHER_TEMP, student_temp=STUDENT_TEMP).to(device),
-        "dinotron_unchecked": DINOLoss(K, TEACHER_TEMP, TEACHER_TEMP, student_temp=STUDENT_TEMP,
-                                       check_finite=False).to(device),
+        "dinotron_checked": DINOLoss(K, TEACHER_TEMP, TEACHER_TEMP, student_temp=STUDENT_TEMP,
+                                     check_finite=True).to(device),
         "eager_lightly": EagerDINOLoss(K, device, vectorised=False),
         "eager_vectorised": vectorised,
     }

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: the eager path only
 
 
 def check_tensor(name: str, x, ndim: int | tuple[int, ...] | None = None, floating: bool = True) -> torch.Tensor:
@@ -23,7 +23,7 @@ def check_tensor(name: str, x, ndim: int | tuple[int, ...] | None = None, floati
             dims = " or ".join(f"{d}-D" for d in allowed)
             raise ValueError(f"{name} must be {dims}, got shape {tuple(x.shape)}")
     if floating and x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
     return x
 
 
@@ -74,12 +74,12 @@ def view_list(name: str, views) -> list[torch.Tensor]:
 
 
 def check_dino_loss_input(
-    student_views, teacher_views, student_temp: float, reduction: str = "mean",
-    names=("student_logits_per_view", "teacher_probs_per_view"),
+    student_views, teacher_views, student_temp: float, reduction: str = "sum", ignore_diagonal: bool = False,
+    names=("student_output_list", "teacher_out_softmaxed_centered_list"),
 ):
-    """Student (S views) and teacher (T views) of one (B, K) shape on one device, with cross-view pairs.
+    """Student (S views) and teacher (T views) of one (B, K) shape on one device, with at least one pair.
 
-    Returns (student list, teacher list, number of pairs S * T - min(S, T)).
+    Returns (student list, teacher list, number of pairs: S * T, less min(S, T) if ignore_diagonal).
     """
     check_positive("student_temp", student_temp)
     if reduction not in ("mean", "sum"):
@@ -90,40 +90,59 @@ def check_dino_loss_input(
         raise ValueError(
             f"{names[1]} views are (B, K)={tuple(teacher[0].shape)} but {names[0]} views are {tuple(student[0].shape)}"
         )
-    n_pairs = len(student) * len(teacher) - min(len(student), len(teacher))
+    n_pairs = len(student) * len(teacher) - (min(len(student), len(teacher)) if ignore_diagonal else 0)
     if n_pairs == 0:
-        raise ValueError(f"no cross-view pairs: {len(student)} student view(s) and {len(teacher)} teacher view(s)")
+        raise ValueError(f"no cross-view pairs: {len(student)} student view(s) and {len(teacher)} teacher view(s) "
+                         "with the same-view pairs ignored")
     return student, teacher, n_pairs
 
 
 def check_ibot_loss_input(
-    student, teacher, masks, student_temp: float, names=("student_patch_logits", "teacher_patch_probs")
+    student, teacher, masks, student_temp: float, n_masked_patches=None, masks_weight=None,
+    names=("student_patch_tokens_masked", "teacher_patch_tokens_masked"),
 ) -> torch.Tensor:
-    """iBOT's patch logits/targets, dense (B, N, K) or masked-only (M, K), against masks (B, N) or
-    (B, H, W) bool. Returns the masks flattened to (B, N); reads the masked count on the host."""
+    """iBOT's patch logits/targets, dense (B, N, K) or masked-only (M, K) (dinov2 pads them: the first
+    n_masked_patches rows count), against masks (B, N) or (B, H, W) bool, and masks_weight
+    (n_masked,). Returns the masks flattened to (B, N). The masked count is data: that it matches the
+    rows is asserted on the device (torch._assert_async, no host sync; on CUDA a failure is a device-side
+    assert), except when n_masked_patches says it."""
     check_positive("student_temp", student_temp)
-    check_tensor("masks", masks, ndim=(2, 3), floating=False)
+    check_tensor("student_masks_flat", masks, ndim=(2, 3), floating=False)
     if masks.dtype != torch.bool:
-        raise ValueError(f"masks must be a bool tensor, got {masks.dtype}")
+        raise ValueError(f"student_masks_flat must be a bool tensor, got {masks.dtype}")
     check_tensor(names[0], student, ndim=(2, 3))
     check_tensor(names[1], teacher, ndim=(2, 3))
-    check_same_device(**{names[0]: student, names[1]: teacher, "masks": masks})
+    check_same_device(**{names[0]: student, names[1]: teacher, "student_masks_flat": masks})
     if student.shape != teacher.shape:
         raise ValueError(f"{names[0]} has shape {tuple(student.shape)} but {names[1]} has {tuple(teacher.shape)}")
     check_nonempty(names[0], student, -1)
     flat = masks.flatten(1)
     B, N = flat.shape
-    check_nonempty("masks", flat)
+    check_nonempty("student_masks_flat", flat)
     if student.ndim == 3:
         if student.shape[:2] != (B, N):
             raise ValueError(
-                f"dense {names[0]} must be (B, N, K) = ({B}, {N}, K) to match masks {tuple(masks.shape)}, "
-                f"got {tuple(student.shape)}"
+                f"dense {names[0]} must be (B, N, K) = ({B}, {N}, K) to match student_masks_flat "
+                f"{tuple(masks.shape)}, got {tuple(student.shape)}"
             )
+        if n_masked_patches is not None or masks_weight is not None:
+            raise ValueError("n_masked_patches and masks_weight go with masked-only (M, K) patch tokens, not dense")
+        return flat
+    M = student.shape[0]
+    if n_masked_patches is not None:
+        if isinstance(n_masked_patches, bool) or not isinstance(n_masked_patches, int) \
+                or not 0 <= n_masked_patches <= M:
+            raise ValueError(f"n_masked_patches must be an int in [0, {M}] (the rows of {names[0]}), "
+                             f"got {n_masked_patches!r}")
+        M = n_masked_patches
     else:
-        M = int(flat.sum())
-        if student.shape[0] != M:
-            raise ValueError(f"masked {names[0]} has {student.shape[0]} rows but masks has {M} True entries")
+        torch._assert_async(flat.sum() == M, f"{names[0]} has {M} rows but student_masks_flat has another number "
+                                             "of True entries")
+    if masks_weight is not None:
+        check_tensor("masks_weight", masks_weight, ndim=1)
+        if masks_weight.shape[0] != M:
+            raise ValueError(f"masks_weight has {masks_weight.shape[0]} entries but {M} patches are masked")
+        check_same_device(**{names[0]: student, "masks_weight": masks_weight})
     return flat
 
 
@@ -157,24 +176,29 @@ def check_qkv(q, k, v, layout: str) -> None:
         )
 
 
-def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int | None = None) -> list[int]:
-    """Check packed-sequence offsets (flash-attn's varlen convention) and return them as ints.
+def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int | None = None) -> None:
+    """Check packed-sequence offsets (flash-attn's varlen convention) without reading them on the host.
 
-    cu_seqlens: 1-D integer tensor (n_seqs + 1,), starting at 0, non-decreasing, ending at
-    total_tokens if given; max_seqlen: an int >= every cu_seqlens[i + 1] - cu_seqlens[i].
-    Reads the offsets on the host.
+    On the host (ValueError): cu_seqlens is a 1-D int32 (or int64) tensor of n_seqs + 1 >= 2 offsets,
+    max_seqlen an int >= 0. On cu_seqlens' device, with torch._assert_async (no host sync; compiles
+    and is captured in CUDA graphs): the offsets start at 0, never decrease, differ by at most
+    max_seqlen, and end at total_tokens if given. A failed device check raises RuntimeError with its
+    message at once for CPU offsets; for CUDA offsets it is a device-side assert, reported at a later
+    sync and fatal to the process's CUDA context: to learn which check failed, rerun with the
+    offsets on the CPU.
     """
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, floating=False)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be an int32 (or int64) tensor of offsets, got {cu_seqlens.dtype}")
-    offsets = cu_seqlens.tolist()
-    if len(offsets) < 2 or offsets[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0 and hold n_seqs + 1 >= 2 offsets, got {offsets[:8]}")
-    lengths = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
-    if min(lengths) < 0:
-        raise ValueError(f"cu_seqlens must be non-decreasing, got a step of {min(lengths)}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < max(lengths):
-        raise ValueError(f"max_seqlen must be an int >= the longest sequence ({max(lengths)}), got {max_seqlen!r}")
-    if total_tokens is not None and offsets[-1] != total_tokens:
-        raise ValueError(f"cu_seqlens ends at {offsets[-1]} but the packed tensors hold {total_tokens} tokens")
-    return offsets
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold n_seqs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a host int >= the longest sequence, got {max_seqlen!r}")
+    lengths = cu_seqlens.diff()
+    torch._assert_async(cu_seqlens[0] == 0, "cu_seqlens must start at 0")
+    torch._assert_async((lengths >= 0).all(), "cu_seqlens must be non-decreasing")
+    torch._assert_async((lengths <= max_seqlen).all(),
+                        f"a sequence in cu_seqlens is longer than max_seqlen={max_seqlen}")
+    if total_tokens is not None:
+        torch._assert_async(cu_seqlens[-1] == total_tokens,
+                            f"cu_seqlens must end at {total_tokens}, the number of packed tokens")

@@ -15,7 +15,16 @@ TAILs of 16, a 257-token head runs two 128-row tiles and one 16-row tile, each l
 
 Varlen (as flash-attn's varlen API and xformers' BlockDiagonalMask): q/k/v (total_tokens, H, D)
 with int32 offsets cu_seqlens (n_seqs + 1,); each sequence attends only to itself, so a step's global
-and local crops go through one launch.
+and local crops go through one launch. max_seqlen is a host int (flash-attn's convention): it sizes
+the grid, so nothing is read back from the device; the offsets' values are checked on the device
+(torch._assert_async, see checks.check_cu_seqlens).
+
+torch.library ops: dinotron::attention (q, k, v, cu_seqlens or None, max_seqlen, scale, backend)
+-> (out, lse) with its fake and autograd, the backward being the op dinotron::attention_backward.
+torch.compile sees one node and CUDA graphs capture it: the Python around it (argument checks,
+autocast, the backend choice) reads only shapes, dtypes and devices. backend, resolved before the
+call, picks the Triton kernels or kernels/reference.py inside the op (forward, and a backward that
+recomputes the softmax), so CPU runs take the same path as the GPU.
 
 timm integration (duck-typed, timm is never imported here): `swap_timm_attention(model)` makes
 every timm ViT `Attention` module run these kernels, and `packed_sequences(cu_seqlens, max_seqlen)`
@@ -23,17 +32,15 @@ makes swapped modules that receive x of shape (1, total_tokens, C) attend within
 """
 from __future__ import annotations
 
-import contextvars
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from dinotron.kernels import reference
 from dinotron.kernels.backend import BACKENDS, interpreter_enabled, resolve_backend
@@ -345,15 +352,20 @@ def _new_like_timm(q: torch.Tensor, varlen: bool) -> torch.Tensor:
     return q.new_empty(B, N, H, D).transpose(1, 2)
 
 
+def _row_buffer(q: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """Empty fp32 tensor with one entry per query row: (H, T) packed, (B, H, N) dense."""
+    shape = (q.shape[1], q.shape[0]) if varlen else q.shape[:3]
+    return q.new_empty(shape, dtype=torch.float32)
+
+
 def _launch_args(q: torch.Tensor, out: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int):
-    """An fp32 per-row buffer ((H, T) packed, (B, H, N) dense), the kernels' stride arguments, and
-    (n_seqs, heads, n) for the grid, n being N dense or max_seqlen packed."""
+    """A _row_buffer, the kernels' stride arguments, and (n_seqs, heads, n) for the grid, n being N
+    dense or max_seqlen packed. Reads shapes only: no host sync."""
     varlen = cu_seqlens is not None
+    rows = _row_buffer(q, varlen)
     if varlen:
-        rows = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
         rows_strides, grid = (0, rows.stride(0)), (cu_seqlens.numel() - 1, q.shape[1], max_seqlen)
     else:
-        rows = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
         rows_strides, grid = (rows.stride(0), rows.stride(1)), tuple(q.shape[:3])
     return rows, (*_bhn_strides(q, varlen), *_bhn_strides(out, varlen), *rows_strides), grid
 
@@ -386,24 +398,89 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     return dq, dk, dv
 
 
-class AttentionFunction(torch.autograd.Function):
-    """Autograd of the Triton kernels. Dense: q, k, v (B, H, N, D), cu_seqlens None, max_seqlen N.
-    Packed: q, k, v (T, H, D), cu_seqlens int32 (n_seqs + 1,) on q's device. fp16/bf16, D in {64, 128}."""
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: one node for torch.compile, capturable in CUDA graphs. `backend` ("triton" or
+# "eager", resolved in Python before the call) picks the kernels or the eager reference inside.
+# ----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        q, k, v = _one_layout(q, k, v)
-        o, lse = attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
-        return o
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-        return dq, dk, dv, None, None, None
+def _reference(q, k, v, cu_seqlens, max_seqlen, scale):
+    if cu_seqlens is None:
+        return reference.attention(q, k, v, scale)
+    return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def _reference_backward(grad_out, q, k, v, cu_seqlens, max_seqlen, scale):
+    if cu_seqlens is None:
+        return reference.attention_backward(grad_out, q, k, v, scale)
+    return reference.attention_varlen_backward(grad_out, q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def _no_lse(q: torch.Tensor) -> torch.Tensor:
+    """The eager backend's lse output: empty, as its backward recomputes the forward."""
+    return q.new_empty(0, dtype=torch.float32)
+
+
+def _grad_like(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Empty gradient for input t: out's shape and layout, t's dtype."""
+    return torch.empty_like(out, dtype=t.dtype)
+
+
+@torch.library.custom_op(
+    "dinotron::attention", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, SymInt max_seqlen, float scale, str backend) "
+           "-> (Tensor, Tensor)",
+)
+def _attention_op(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+    """(out, lse). Dense: q, k, v (B, H, N, D), cu_seqlens None, max_seqlen N. Packed: q, k, v
+    (T, H, D), cu_seqlens int32 (n_seqs + 1,) on q's device. out is laid out as _new_like_timm
+    whatever the backend; lse is attention_forward's for "triton", _no_lse for "eager"."""
+    if backend == "triton":
+        return attention_forward(*_one_layout(q, k, v), cu_seqlens, max_seqlen, scale)
+    out = _new_like_timm(q, cu_seqlens is not None).copy_(_reference(q, k, v, cu_seqlens, max_seqlen, scale))
+    return out, _no_lse(q)
+
+
+@_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+    varlen = cu_seqlens is not None
+    return _new_like_timm(q, varlen), _row_buffer(q, varlen) if backend == "triton" else _no_lse(q)
+
+
+@torch.library.custom_op(
+    "dinotron::attention_backward", mutates_args=(),
+    schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
+           "SymInt max_seqlen, float scale, str backend) -> (Tensor, Tensor, Tensor)",
+)
+def _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, backend):
+    """(dq, dk, dv), laid out like out: the two backward kernels, or the reference's backward, which
+    recomputes the softmax (written out: autograd records nothing inside an op's implementation)."""
+    if backend == "triton":
+        return attention_backward(grad_out, *_one_layout(q, k, v), out, lse, cu_seqlens, max_seqlen, scale)
+    grads = _reference_backward(grad_out, q, k, v, cu_seqlens, max_seqlen, scale)
+    return tuple(_grad_like(out, t).copy_(g) for t, g in zip((q, k, v), grads, strict=True))
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, backend):
+    return tuple(_grad_like(out, t) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, backend
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    grads = _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.backend)
+    return *grads, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,19 +514,19 @@ def _unsupported(q, k, v) -> str | None:
     return None
 
 
-def use_kernel(backend: str | None, q, k, v, strict: bool = True) -> bool:
-    """True to run the Triton kernel. backend as in resolve_backend; when Triton is asked for
+def _op_backend(backend: str | None, q, k, v, strict: bool = True) -> str:
+    """The op's backend, "triton" or "eager". backend as in resolve_backend; when Triton is asked for
     explicitly (argument or DINOTRON_BACKEND) but cannot take the inputs, raise if strict, else
     fall back (what the timm integration does)."""
     if resolve_backend(backend, q, k, v) == "eager":
-        return False
+        return "eager"
     reason = _unsupported(q, k, v)
     if reason is None:
-        return True
+        return "triton"
     requested = backend if backend is not None else os.environ.get("DINOTRON_BACKEND", "auto")
     if strict and requested == "triton":
         raise ValueError(f"backend='triton' cannot run attention on {reason}; use backend='auto' to fall back")
-    return False
+    return "eager"
 
 
 def _default_scale(scale: float | None, head_dim: int) -> float:
@@ -463,25 +540,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
               backend: str | None = None) -> torch.Tensor:
     """softmax(q @ k^T * scale) @ v over each (batch, head), memory-efficient.
 
-    q, k, v: (B, H, N, D), any strides with contiguous D. scale defaults to D ** -0.5.
-    Triton (backend "triton", or "auto" on CUDA): fp16/bf16, D in {64, 128}; a dense output
-    is laid out (B, N, H, D) in memory. Otherwise (CPU, float32, other D under "auto") the eager
-    reference. Returns (B, H, N, D) in q's dtype (the autocast dtype inside torch.autocast).
+    q, k, v: (B, H, N, D), any strides. scale defaults to D ** -0.5. Triton (backend "triton", or
+    "auto" on CUDA): fp16/bf16, D in {64, 128}. Otherwise (CPU, float32, other D under "auto") the
+    eager reference, through the same op (dinotron::attention). Returns (B, H, N, D) in q's dtype
+    (the autocast dtype inside torch.autocast), laid out (B, N, H, D) in memory. No host sync.
     """
     check_qkv(q, k, v, "(B, H, N, D)")
     scale = _default_scale(scale, q.shape[-1])
     q, k, v = _autocast(q, k, v)
-    if not use_kernel(backend, q, k, v):
-        return reference.attention(q, k, v, scale)
-    return AttentionFunction.apply(q, k, v, None, q.shape[2], scale)
+    return _attention_op(q, k, v, None, q.shape[2], scale, _op_backend(backend, q, k, v))[0]
 
 
 def _packed_attention(q, k, v, packing: PackedSequences, scale: float, backend: str | None,
                       strict: bool) -> torch.Tensor:
     q, k, v = _autocast(q, k, v)
-    if not use_kernel(backend, q, k, v, strict):
-        return reference.attention_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale)
-    return AttentionFunction.apply(q, k, v, packing.on(q.device), packing.max_seqlen, scale)
+    cu_seqlens = packing.cu_seqlens
+    # host to device without waiting for the device (safe with pageable memory in this direction only)
+    cu_seqlens = cu_seqlens.to(q.device, non_blocking=cu_seqlens.device.type == "cpu")
+    torch._assert_async(cu_seqlens[-1] == q.shape[0],
+                        f"cu_seqlens must end at {q.shape[0]}, the number of packed tokens in q")
+    return _attention_op(q, k, v, cu_seqlens, packing.max_seqlen, scale, _op_backend(backend, q, k, v, strict))[0]
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens, max_seqlen: int,
@@ -489,22 +567,21 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Attention within each of several packed sequences (block-diagonal), as flash-attn's varlen API.
 
     q, k, v: (total_tokens, H, D); sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1].
-    cu_seqlens: (n_seqs + 1,) integer offsets (int32 as flash-attn; a tensor on any device or a list),
-    starting at 0 and ending at total_tokens; max_seqlen >= the longest sequence. The offsets are
-    checked, which reads them on the host (a sync if they live on the GPU); to check them once for
-    many calls, pass instead the PackedSequences that `packed_sequences(cu_seqlens, max_seqlen)`
-    yields. Dtypes and backends as `attention`. Returns (total_tokens, H, D).
+    cu_seqlens: (n_seqs + 1,) integer offsets (int32 as flash-attn), starting at 0 and ending at
+    total_tokens: a tensor, best on q's device (else one non-blocking copy per call), a list, or the
+    PackedSequences that `packed_sequences(cu_seqlens, max_seqlen)` yields (checked once for many
+    calls). max_seqlen: a host int >= the longest sequence (it sizes the grid). The offsets' values
+    are checked on their device (check_cu_seqlens: on CUDA a bad one is a device-side assert), so the
+    Triton path makes no host sync; the eager reference reads the offsets on the host. Dtypes and
+    backends as `attention`. Returns (total_tokens, H, D).
     """
     check_qkv(q, k, v, "(total_tokens, H, D)")
     if isinstance(cu_seqlens, PackedSequences):
         packing = cu_seqlens
-        if max_seqlen != packing.max_seqlen or packing.total != q.shape[0]:
-            raise ValueError(
-                f"packed sequences of {packing.total} tokens, max_seqlen {packing.max_seqlen} do not match "
-                f"q of shape {tuple(q.shape)} and max_seqlen={max_seqlen}"
-            )
+        if max_seqlen != packing.max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} differs from the packed sequences' {packing.max_seqlen}")
     else:
-        packing = PackedSequences.of(cu_seqlens, max_seqlen, total_tokens=q.shape[0])
+        packing = PackedSequences.of(cu_seqlens, max_seqlen)
     return _packed_attention(q, k, v, packing, _default_scale(scale, q.shape[-1]), backend, strict=True)
 
 
@@ -515,32 +592,28 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 @dataclass(frozen=True)
 class PackedSequences:
-    """Checked packing of sequences into one token axis: cu_seqlens int32 on the CPU, plus copies
-    on the devices that asked for one."""
+    """Checked packing of sequences into one token axis: int32 offsets cu_seqlens (on the device
+    they came on) and the host int max_seqlen."""
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    total: int
-    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def of(cls, cu_seqlens, max_seqlen: int, total_tokens: int | None = None) -> PackedSequences:
+    def of(cls, cu_seqlens, max_seqlen: int) -> PackedSequences:
+        """Check (check_cu_seqlens, without host sync) and convert; a list becomes a CPU tensor."""
         if not isinstance(cu_seqlens, torch.Tensor):
             cu_seqlens = torch.tensor(list(cu_seqlens), dtype=torch.int32)
-        offsets = check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens)
-        n_seqs = len(offsets) - 1
+        check_cu_seqlens(cu_seqlens, max_seqlen)
+        n_seqs = cu_seqlens.numel() - 1
         if n_seqs > MAX_GRID_YZ:
             raise ValueError(f"cu_seqlens packs {n_seqs} sequences; at most {MAX_GRID_YZ} fit one launch")
-        cpu = torch.tensor(offsets, dtype=torch.int32)
-        return cls(cpu, int(max_seqlen), offsets[-1], {cu_seqlens.device: cu_seqlens.to(torch.int32)})
-
-    def on(self, device: torch.device) -> torch.Tensor:
-        if device not in self._on_device:
-            self._on_device[device] = self.cu_seqlens.to(device)
-        return self._on_device[device]
+        return cls(cu_seqlens.to(torch.int32), max_seqlen)
 
 
-_PACKING: contextvars.ContextVar[PackedSequences | None] = contextvars.ContextVar("dinotron_packing", default=None)
+# The packing of the innermost active packed_sequences block. A module global, not a ContextVar:
+# torch.compile of torch 2.11 and older graph-breaks on ContextVar.get, but reads a global, guarding on
+# max_seqlen and the offsets' shape, dtype and device, so a new packing of one shape reuses the graph.
+_packing: PackedSequences | None = None
 
 
 def make_cu_seqlens(seq_lengths: Sequence[int]) -> tuple[torch.Tensor, int]:
@@ -560,16 +633,19 @@ def packed_sequences(cu_seqlens, max_seqlen: int) -> Iterator[PackedSequences]:
     """While active, every swapped timm Attention that receives x of shape (1, total_tokens, C)
     attends within each packed sequence (attention_varlen) instead of across all tokens.
 
-    cu_seqlens / max_seqlen as in attention_varlen, checked once here. Token-wise layers (norms,
-    MLPs, LayerScale) need nothing more; per-sample ones do: timm's DropPath on a packed
-    (1, T, C) batch would drop all sequences together. Activation checkpointing recomputes
-    outside this block unless its context_fn re-enters it.
+    cu_seqlens / max_seqlen as in attention_varlen, checked once here; give cu_seqlens on the
+    activations' device (a CPU one is copied at every layer, and under torch.compile keeps CUDA
+    graphs off). Token-wise layers (norms, MLPs, LayerScale) need nothing more; per-sample ones do:
+    timm's DropPath on a packed (1, T, C) batch would drop all sequences together. Activation
+    checkpointing recomputes outside this block unless its context_fn re-enters it. The block is
+    process-wide (a module global, which torch.compile reads), not per thread.
     """
-    token = _PACKING.set(PackedSequences.of(cu_seqlens, max_seqlen))
+    global _packing
+    outer, _packing = _packing, PackedSequences.of(cu_seqlens, max_seqlen)
     try:
-        yield _PACKING.get()
+        yield _packing
     finally:
-        _PACKING.reset(token)
+        _packing = outer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,7 +681,7 @@ class SwappedForward:
 def _timm_attention_forward(self, x, attn_mask, is_causal, backend) -> torch.Tensor:
     """timm's Attention.forward (timm 1.0.x: q/k norms, optional scale norm and gate) with the
     attention product run by dinotron."""
-    packing = _PACKING.get()
+    packing = _packing
     if attn_mask is not None or is_causal or (self.training and self.attn_drop.p > 0):
         if packing is not None:
             raise ValueError("packed_sequences does not combine with attn_mask, is_causal or attention dropout")
@@ -622,17 +698,15 @@ def _timm_attention_forward(self, x, attn_mask, is_causal, backend) -> torch.Ten
     if packing is None:
         q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         q, k, v = _autocast(self.q_norm(q), self.k_norm(k), v)
-        if use_kernel(backend, q, k, v, strict=False):
-            out = AttentionFunction.apply(q, k, v, None, N, scale)
-        else:
+        if _op_backend(backend, q, k, v, strict=False) == "triton":
+            out = _attention_op(q, k, v, None, N, scale, "triton")[0]
+        else:  # timm's own product
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         out = out.transpose(1, 2).reshape(B, N, H * D)
     else:
-        if B != 1 or N != packing.total:
-            raise ValueError(
-                f"inside packed_sequences a swapped Attention expects x of shape (1, {packing.total}, C), "
-                f"got {tuple(x.shape)}"
-            )
+        if B != 1:  # N is checked against cu_seqlens on the device
+            raise ValueError(f"inside packed_sequences a swapped Attention expects x of shape (1, total_tokens, C), "
+                             f"got {tuple(x.shape)}")
         q, k, v = qkv.reshape(N, 3, H, D).unbind(1)
         out = _packed_attention(self.q_norm(q), self.k_norm(k), v, packing, scale, backend, strict=False)
         out = out.reshape(1, N, H * D)
@@ -650,7 +724,8 @@ def swap_timm_attention(model: torch.nn.Module, enable: bool = True, backend: st
     state_dict keys are untouched, so checkpoints stay loadable by plain timm; copy.deepcopy (an
     EMA teacher) and pickling keep the swap.
     Where the kernel does not apply (CPU, float32 without autocast, D not in {64, 128}) the module
-    runs torch's scaled_dot_product_attention; with attn_mask, is_causal or attention dropout
+    runs torch's scaled_dot_product_attention (inside packed_sequences: the eager reference, through
+    the same op as the kernel); with attn_mask, is_causal or attention dropout
     in training it runs timm's own forward. backend: as `attention`'s, for these modules.
     Raises ValueError if enable=True and the model has no timm Attention. Returns `model`.
     """

@@ -1,9 +1,13 @@
-"""How the loss kernels address their inputs: view tables, lazy teacher targets, grid sizing.
+"""How the loss kernels address their inputs: view tables, grid sizing.
 
-A view table lets one kernel read V views of (B, K) rows wherever they live (lightly passes lists of
-per-crop outputs, dinov2 chunks one tensor, a (V, B, K) tensor is V views too) without stacking
-them into a copy: the kernel takes the first view's pointer and, per view, the element offset of
-that view from it. Row r of the table's R = V * B rows is row r % B of view r // B.
+A view table lets one kernel read V views of (B, K) rows wherever they live in one allocation
+(lightly passes lists of per-crop outputs, dinov2 chunks one tensor, a (V, B, K) tensor is V views
+too) without stacking them into a copy: row b of view v, column k, is at
+base + v * view_stride + b * row_stride + k (elements). Views spread over separate allocations, or
+unevenly spaced in one, are stacked (one copy). The table is built from tensor metadata alone
+(storages and storage offsets): no offset table goes from host to device, nothing is read back, so
+it runs inside a torch.library op under CUDA graphs. Integer strides divisible by 16 are specialised
+by Triton, which then vectorises the loads. Row r of the table's R = V * B rows is row r % B of view r // B.
 """
 from __future__ import annotations
 
@@ -20,68 +24,74 @@ from dinotron.kernels.backend import interpreter_enabled
 @dataclass(frozen=True)
 class ViewTable:
     """V views of (B, K) rows of one dtype: kernels read view v's row b, column k at
-    base_ptr + offsets[v] + b * row_stride + k (in elements)."""
+    base + v * view_stride + b * row_stride + k (in elements)."""
 
-    views: tuple[torch.Tensor, ...]  # kept alive while kernels read them; views[0] is the base pointer
-    offsets: torch.Tensor  # (V,) int64 on the views' device
+    base: torch.Tensor  # view 0 (its storage holds every view)
+    n_views: int
+    view_stride: int
     row_stride: int
-    align: int  # every offset is a multiple of it (elements; up to 16 bytes): lets the GPU vectorise loads
-
-    @property
-    def base(self) -> torch.Tensor:
-        return self.views[0]
-
-    @property
-    def n_views(self) -> int:
-        return len(self.views)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return (len(self.views), *self.views[0].shape)
+        return (self.n_views, *self.base.shape)
+
+
+def evenly_spaced(views) -> bool:
+    """Whether (B, K) views share one storage, a unit column stride, one row stride and one spacing."""
+    v0 = views[0]
+    B, K = v0.shape
+    storage = v0.untyped_storage().data_ptr()
+    spacing = views[1].storage_offset() - v0.storage_offset()
+    return all(
+        v.untyped_storage().data_ptr() == storage
+        and (v.stride(1) == 1 or K == 1)
+        and (v.stride(0) == v0.stride(0) or B == 1)
+        and v.storage_offset() - v0.storage_offset() == i * spacing
+        for i, v in enumerate(views)
+    )
+
+
+def scattered(views) -> bool:
+    """Whether a view table would stack `views` (separate allocations, or uneven spacing): callers then
+    stack them once themselves rather than have every op that reads them do it. False under
+    torch.compile, whose tracer does not look at storages (the ops then stack scattered views)."""
+    return not torch.compiler.is_compiling() and len(views) > 1 and not evenly_spaced(views)
+
+
+def in_place_views(views) -> list[torch.Tensor]:
+    """`views`, or the views of one stacked copy of them if they are scattered."""
+    return list(torch.stack(views).unbind(0)) if scattered(views) else list(views)
 
 
 def view_table(views: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> ViewTable:
-    """A table over already-checked (B, K) views of one shape, dtype and device.
-
-    Views with a unit column stride and one common row stride are read in place; otherwise all are
-    made contiguous (a copy). Offsets between separate allocations are exact multiples of the element
-    size on every allocator torch has, and are checked.
-    """
+    """A table over already-checked (B, K) views of one shape, dtype and device (read in place when
+    evenly_spaced, else stacked into one contiguous copy)."""
     B, K = views[0].shape
-    strided = all(v.stride(1) == 1 or K == 1 for v in views) and len({v.stride(0) if B > 1 else K for v in views}) == 1
-    if not strided:
-        views = [v.contiguous() for v in views]
-    itemsize = views[0].element_size()
-    starts = [v.data_ptr() - views[0].data_ptr() for v in views]
-    if any(s % itemsize for s in starts):
-        views = [v.contiguous() for v in views]
-        starts = [v.data_ptr() - views[0].data_ptr() for v in views]
-    offsets = [s // itemsize for s in starts]
-    align = 16 // itemsize
-    while any(o % align for o in offsets):
-        align //= 2
-    row_stride = views[0].stride(0) if B > 1 else K
-    offsets = torch.tensor(offsets, dtype=torch.int64).to(views[0].device, non_blocking=True)
-    return ViewTable(tuple(views), offsets, row_stride, align)
+    if len(views) == 1:
+        base = views[0] if views[0].stride(1) == 1 or K == 1 else views[0].contiguous()
+        return ViewTable(base, 1, 0, base.stride(0) if B > 1 else K)
+    if not evenly_spaced(views):
+        views = torch.stack(views).unbind(0)
+    base = views[0]
+    return ViewTable(base, len(views), views[1].storage_offset() - base.storage_offset(),
+                     base.stride(0) if B > 1 else K)
 
 
 def rows_table(x: torch.Tensor) -> ViewTable:
     """The rows of x (..., K) as one view of (R, K) rows."""
-    rows = x.reshape(-1, x.shape[-1])
-    return view_table([rows])
+    return view_table([x.reshape(-1, x.shape[-1])])
 
 
 @triton.jit
-def row_pointers(base_ptr, offsets_ptr, r, rows_per_view, row_stride, ALIGN: tl.constexpr):
+def row_pointers(base_ptr, r, rows_per_view, view_stride, row_stride):
     """Pointers to the first element of rows r (a block of row indices) of a view table."""
     view = r // rows_per_view
-    offsets = tl.multiple_of(tl.load(offsets_ptr + view), ALIGN)
-    return base_ptr + offsets + (r - view * rows_per_view).to(tl.int64) * row_stride
+    return base_ptr + view.to(tl.int64) * view_stride + (r - view * rows_per_view).to(tl.int64) * row_stride
 
 
 @dataclass(frozen=True)
 class TeacherTargets:
-    """Teacher targets for the cross-entropy kernel, as T views of (B, K).
+    """Teacher targets for the cross-entropy op, as T views of (B, K), in the tensors and numbers an op takes.
 
     With row_lse None the views hold the probabilities. Otherwise they hold logits and the targets
     are p[r, k] = exp(x[r, k] * logit_scale + col_scale * col[k] - row_lse[r]), recomputed where
@@ -89,7 +99,7 @@ class TeacherTargets:
     col = the prototypes' log-sum-exp and col_scale = -1; row_lse normalises each row to sum 1.
     """
 
-    views: ViewTable
+    views: list[torch.Tensor]
     row_lse: torch.Tensor | None = None  # (T * B,) float32
     col: torch.Tensor | None = None  # (K,) any float dtype
     col_scale: float = 0.0

@@ -1,7 +1,8 @@
 """Eager PyTorch reference of every dinotron op.
 
 These follow facebookresearch/dinov2's math (dinov2/loss/*.py) and are the oracle for the tests and
-the fallback on CPU. All arithmetic is fp32 whatever the input dtype; results are fp32 unless stated.
+the fallback on CPU, run inside the same torch.library ops as the kernels. Arithmetic is fp32 whatever the
+input dtype (float64 for float64 inputs, which only this path takes); results are in that dtype unless stated.
 The torch.distributed-aware ops reduce across ranks when a process group is initialised, as dinov2.
 They take zero teacher rows (a rank whose batch has no masked patch) and still run every collective,
 contributing zero sums and a zero row count, so that all ranks make the same calls whatever the data.
@@ -30,13 +31,18 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the reference computes in: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _center_vector(center: torch.Tensor, K: int) -> torch.Tensor:
     check_tensor("center", center)
     if center.numel() != K:
         raise ValueError(
             f"center has {center.numel()} elements (shape {tuple(center.shape)}) but the logits have K={K}"
         )
-    return center.float().reshape(K)
+    return center.reshape(K)
 
 
 @torch.no_grad()
@@ -44,13 +50,22 @@ def softmax_center_teacher(teacher_logits: torch.Tensor, center: torch.Tensor, t
     """softmax((teacher_logits - center) / teacher_temp) over the last dim.
 
     teacher_logits: (..., K) float, K > 0, any number of rows (zero too); center: K elements, e.g.
-    (1, K), any float dtype. Returns (..., K) float32 probabilities.
+    (1, K), any float dtype. Returns (..., K) probabilities (float32, float64 for float64 logits).
     """
     check_tensor("teacher_logits", teacher_logits)
     check_nonempty("teacher_logits", teacher_logits, teacher_logits.ndim - 1)
     check_positive("teacher_temp", teacher_temp)
+    acc = acc_dtype(teacher_logits)
     K = teacher_logits.shape[-1]
-    return torch.softmax((teacher_logits.float() - _center_vector(center, K)) / teacher_temp, dim=-1)
+    return torch.softmax((teacher_logits.to(acc) - _center_vector(center, K).to(acc)) / teacher_temp, dim=-1)
+
+
+def softmax_center_lse(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """Each row's logsumexp((x - center) / teacher_temp): softmax_center_teacher's probabilities are
+    exp((x - center) / teacher_temp - lse), the form the fused losses read their targets in."""
+    acc = acc_dtype(teacher_logits)
+    x = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(acc)
+    return torch.logsumexp((x - center.reshape(-1).to(acc)) / teacher_temp, dim=-1)
 
 
 @torch.no_grad()
@@ -68,20 +83,20 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     K = teacher_logits.shape[-1]
     _center_vector(center, K)
-    rows = teacher_logits.reshape(-1, K).float()
+    rows = teacher_logits.reshape(-1, K).to(acc_dtype(teacher_logits, center))
     return center_ema(center, rows.sum(dim=0), rows.shape[0], momentum)
 
 
 def center_ema(center: torch.Tensor, batch_sum: torch.Tensor, n_rows: int, momentum: float) -> torch.Tensor:
-    """center * momentum + batch_sum / n_rows * (1 - momentum), with batch_sum (K,) float32 and
-    n_rows all-reduced first when torch.distributed is initialised (every rank joins, one with zero
+    """center * momentum + batch_sum / n_rows * (1 - momentum), with batch_sum (K,) float32 (float64)
+    and n_rows all-reduced first when torch.distributed is initialised (every rank joins, one with zero
     rows with batch_sum 0 and n_rows 0). When no rank has a row the mean is undefined and the centre
     is returned unchanged rather than NaN; decided on the device, no host sync. Shaped and typed like `center`."""
-    n = torch.tensor(float(n_rows), device=batch_sum.device)
+    n = torch.full((), n_rows, dtype=batch_sum.dtype, device=batch_sum.device)
     if _distributed():
         dist.all_reduce(batch_sum)
         dist.all_reduce(n)
-    old = center.float().reshape(batch_sum.shape)
+    old = center.to(batch_sum.dtype).reshape(batch_sum.shape)
     new = torch.where(n > 0, old * momentum + batch_sum / n.clamp(min=1.0) * (1.0 - momentum), old)
     return new.reshape(center.shape).to(center.dtype)
 
@@ -108,39 +123,58 @@ def check_sinkhorn_input(teacher_logits: torch.Tensor, teacher_temp: float, n_it
         raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
 
 
+def sinkhorn_knopp_scalings(teacher_logits: torch.Tensor, teacher_temp: float,
+                            n_iterations: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) with Sinkhorn-Knopp's targets exp(L - col[None, :] - row[:, None]), L = logits / temp.
+
+    Each iteration sets col[k] = logsumexp_r(L[r, k] - row[r]) (all-reduced over ranks: the prototype
+    normalisation; row = 0 at first; plus log_prototypes_per_row, as dinov2), then
+    row[r] = logsumexp_k(L[r, k] - col[k]) (the sample
+    normalisation, which makes every row sum to 1). This is dinov2's iteration in log-space, so no exp
+    over- or underflows (its final factor B cancels with the 1/B in col). A rank with no row gets
+    col = -inf (an empty sum) before the all_reduce and joins every one of them; its row is (0,).
+    """
+    L = teacher_logits.to(acc_dtype(teacher_logits)) / teacher_temp
+    row = torch.zeros(L.shape[0], dtype=L.dtype, device=L.device)
+    shift = log_prototypes_per_row(L.shape[0], L.shape[1], L.dtype, L.device)
+    for _ in range(n_iterations):
+        col = _all_reduce_logsumexp(torch.logsumexp(L - row[:, None], dim=0)) + shift
+        row = torch.logsumexp(L - col[None, :], dim=1)
+    return row, col
+
+
+def log_prototypes_per_row(n_rows: int, K: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """log(K / B_total), B_total the rows of every rank (all-reduced, on the device; 1 if none): the
+    constant dinov2's 1/K and 1/B normalisations add to col each iteration. It cancels in the next row
+    normalisation, but without it row and col drift by log(K / B) per iteration and exp(L - col - row)
+    loses fp32 precision to the cancellation."""
+    rows = torch.full((), n_rows, dtype=dtype, device=device)
+    if _distributed():
+        dist.all_reduce(rows)
+    return math.log(K) - torch.log(rows.clamp(min=1.0))
+
+
 @torch.no_grad()
 def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp teacher targets (SwAV/DINOv2): rows are samples, columns are prototypes.
 
-    teacher_logits: (B, K) float. Returns (B, K) float32 whose rows each sum to 1 and whose
-    columns each sum to about B_total / K (exactly in the limit of many iterations), where B_total
-    is the number of rows over all ranks. B = 0 gives (0, K); a rank with no row still joins every
-    all_reduce (its column log-sum-exps are -inf, an empty sum), so the other ranks' targets are those
-    of their rows alone.
-
-    Same iterations as dinov2's DINOLoss.sinkhorn_knopp_teacher, written in log-space so that no
-    exp can overflow or underflow: Q = exp(L + log_r[None, :] + log_c[:, None]) with L the scaled
-    logits; each iteration sets the prototype scaling log_r (rows of dinov2's K x B matrix sum to
-    1/K), then the sample scaling log_c (columns sum to 1/B); the result is multiplied by B.
+    teacher_logits: (B, K) float. Returns (B, K) float32 (float64 for float64 logits) whose rows each
+    sum to 1 and whose columns each sum to about B_total / K (exactly in the limit of many
+    iterations), where B_total is the number of rows over all ranks; see sinkhorn_knopp_scalings.
+    B = 0 gives (0, K); a rank with no row still joins every all_reduce, so the other ranks' targets
+    are those of their rows alone.
     """
     check_sinkhorn_input(teacher_logits, teacher_temp, n_iterations)
-    L = teacher_logits.float() / teacher_temp
-    B_total = torch.tensor(float(L.shape[0]), device=L.device)
-    if _distributed():
-        dist.all_reduce(B_total)
-    K = L.shape[1]
-    log_c = torch.zeros(L.shape[0], device=L.device)
-    for _ in range(n_iterations):
-        log_r = -_all_reduce_logsumexp(torch.logsumexp(L + log_c[:, None], dim=0)) - math.log(K)
-        log_c = -torch.logsumexp(L + log_r[None, :], dim=1) - torch.log(B_total)
-    return torch.exp(L + log_r[None, :] + log_c[:, None]) * B_total
+    row, col = sinkhorn_knopp_scalings(teacher_logits, teacher_temp, n_iterations)
+    return torch.exp(teacher_logits.to(row.dtype) / teacher_temp - col[None, :] - row[:, None])
 
 
 @torch.no_grad()
 def dinov2_sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
     """dinov2's DINOLoss.sinkhorn_knopp_teacher as written (single process, exp space, so it overflows
-    once |logits| / teacher_temp nears 88): the transcription tests and benchmarks compare against."""
-    Q = torch.exp(teacher_output.float() / teacher_temp).t()
+    once |logits| / teacher_temp nears 88; in float64 for float64 logits, exact to ~1e-15 while it stays
+    below 709): the transcription tests and benchmarks compare against."""
+    Q = torch.exp(teacher_output.to(acc_dtype(teacher_output)) / teacher_temp).t()
     B, K = Q.shape[1], Q.shape[0]
     Q /= torch.sum(Q)
     for _ in range(n_iterations):
@@ -152,63 +186,119 @@ def dinov2_sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_i
     return Q.t()
 
 
-def dino_loss(student_logits_per_view, teacher_probs_per_view, student_temp: float = 0.1,
-              reduction: str = "mean") -> torch.Tensor:
-    """DINO cross-entropy over all (student view, teacher view) pairs except a view with itself.
+def lazy_targets(teacher: list[torch.Tensor], row_lse: torch.Tensor | None, col: torch.Tensor | None,
+                 logit_scale: float, col_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The (T, B, K) targets the fused losses read: the teacher views themselves (row_lse None), or
+    exp(x * logit_scale + col_scale * col - row_lse) from teacher logits x (layout.TeacherTargets)."""
+    t = torch.stack(teacher).to(dtype)
+    if row_lse is None:
+        return t
+    return torch.exp(t * logit_scale + col_scale * col.to(dtype) - row_lse.to(dtype).view(*t.shape[:2], 1))
 
-    student_logits_per_view: S views of (B, K) logits, a list or an (S, B, K) tensor; the first
-    views are the same crops as the teacher's (global crops first).
-    teacher_probs_per_view: T views of (B, K) target probabilities (list or (T, B, K) tensor).
-    Each pair contributes -mean_b sum_k p_t[b, k] * log_softmax(s[b] / student_temp)[k].
-    reduction="mean": average over the S*T - min(S, T) pairs (lightly's DINOLoss, and what dinov2's
-    meta-arch reports); "sum": sum over pairs (dinov2's DINOLoss.forward). Returns a float32 scalar.
+
+def paired_targets(targets: torch.Tensor, n_student: int, exclude_same_view: bool) -> torch.Tensor:
+    """(S, B, K): student view v's target P_v, the sum of the T teacher views, less view v itself
+    (if exclude_same_view and v < T)."""
+    total = targets.sum(dim=0, keepdim=True).expand(n_student, *targets.shape[1:])
+    if not exclude_same_view:
+        return total
+    own = targets[:n_student]
+    if own.shape[0] < n_student:
+        own = torch.cat([own, own.new_zeros(n_student - own.shape[0], *own.shape[1:])])
+    return total - own
+
+
+def cross_entropy(student: torch.Tensor, paired: torch.Tensor, weight: torch.Tensor | None, student_temp: float,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused losses' math, eagerly: (loss, lse, mass) with z = student / student_temp (S, B, K),
+    lse = logsumexp(z), mass = sum_k P, loss = scale * sum_{v,b} w[b] sum_k -P log_softmax(z)."""
+    z = student.to(paired.dtype) / student_temp
+    lse = torch.logsumexp(z, dim=-1)
+    ce = -(paired * (z - lse[..., None])).sum(dim=-1)
+    if weight is not None:
+        ce = ce * weight.to(ce.dtype)
+    return ce.sum() * scale, lse, paired.sum(dim=-1)
+
+
+def cross_entropy_backward(grad_loss: torch.Tensor, student: torch.Tensor, paired: torch.Tensor,
+                           weight: torch.Tensor | None, lse: torch.Tensor, mass: torch.Tensor, student_temp: float,
+                           scale: float) -> torch.Tensor:
+    """d loss / d student of cross_entropy: g * scale * w[b] / student_temp * (mass softmax(z) - P), in
+    the student's dtype."""
+    z = student.to(paired.dtype) / student_temp
+    coef = grad_loss.to(paired.dtype) * scale / student_temp
+    if weight is not None:
+        coef = coef * weight.to(paired.dtype)[:, None]
+    return (coef * (mass[..., None] * torch.exp(z - lse[..., None]) - paired)).to(student.dtype)
+
+
+def dino_loss(student_output_list, teacher_out_softmaxed_centered_list, *, student_temp: float = 0.1,
+              ignore_diagonal: bool = False, reduction: str = "sum") -> torch.Tensor:
+    """dinov2's DINOLoss.forward: -sum over (student view, teacher view) pairs of the batch mean of
+    sum_k t[b, k] * log_softmax(s[b] / student_temp)[k].
+
+    student_output_list: S views of (B, K) logits, a list or an (S, B, K) tensor;
+    teacher_out_softmaxed_centered_list: T views of (B, K) target probabilities (list or tensor).
+    ignore_diagonal: skip the pairs of a view with itself (lightly's DINOLoss; the first views are
+    the same crops); reduction="mean" divides by the number of pairs (lightly). Returns a scalar in
+    the compute dtype (float32, float64 for float64 inputs).
     """
-    student, teacher, n_pairs = check_dino_loss_input(student_logits_per_view, teacher_probs_per_view, student_temp,
-                                                      reduction)
-    student, teacher = torch.stack(student), torch.stack(teacher)
+    student, teacher, n_pairs = check_dino_loss_input(student_output_list, teacher_out_softmaxed_centered_list,
+                                                      student_temp, reduction, ignore_diagonal)
+    acc = acc_dtype(student[0], teacher[0])
+    student, teacher = torch.stack(student).to(acc), torch.stack(teacher).to(acc)
     T, S, B = teacher.shape[0], student.shape[0], student.shape[1]
-    log_p = F.log_softmax(student.float() / student_temp, dim=-1)
-    ce = -torch.einsum("tbk,sbk->ts", teacher.float(), log_p) / B  # (T, S) batch-mean per pair
-    same_view = torch.eye(T, S, dtype=torch.bool, device=ce.device)
-    total = ce.masked_fill(same_view, 0.0).sum()
+    log_p = F.log_softmax(student / student_temp, dim=-1)
+    ce = -torch.einsum("tbk,sbk->ts", teacher, log_p) / B  # (T, S) batch-mean per pair
+    if ignore_diagonal:
+        ce = ce.masked_fill(torch.eye(T, S, dtype=torch.bool, device=ce.device), 0.0)
+    total = ce.sum()
     return total / n_pairs if reduction == "mean" else total
 
 
-def ibot_patch_loss(
-    student_patch_logits: torch.Tensor,
-    teacher_patch_probs: torch.Tensor,
-    masks: torch.Tensor,
-    student_temp: float = 0.1,
-) -> torch.Tensor:
-    """iBOT masked-patch cross-entropy with dinov2's per-image 1/n_masked weighting.
+def ibot_patch_loss(student_patch_tokens_masked: torch.Tensor, teacher_patch_tokens_masked: torch.Tensor,
+                    student_masks_flat: torch.Tensor, n_masked_patches: int | None = None,
+                    masks_weight: torch.Tensor | None = None, *, student_temp: float = 0.1) -> torch.Tensor:
+    """iBOT masked-patch cross-entropy: dinov2's iBOTPatchLoss.forward_masked (and .forward for dense input).
 
-    masks: (B, N) or (B, H, W) bool, True where the student's patch was masked.
-    student_patch_logits / teacher_patch_probs: either dense (B, N, K) (only masked patches count)
-    or masked-only (M, K) with M = masks.sum(), rows in the order of masks.flatten(1).nonzero().
-    loss = -1/B * sum_b 1/max(n_b, 1) * sum_{masked p of image b} sum_k t[p, k] log_softmax(s[p] / student_temp)[k].
-    Returns a float32 scalar; 0 (an empty sum, with a zero gradient) when no patch is masked.
+    student_masks_flat: (B, N) or (B, H, W) bool, True where the student's patch was masked.
+    student / teacher: masked-only (M, K), rows in the order of masks.flatten(1).nonzero() (dinov2
+    may pad them: only the first n_masked_patches rows count), or dense (B, N, K) (only masked
+    patches count). masks_weight: (n_masked,) per-row weights, default 1 / (masked patches of the
+    row's image). loss = -1/B sum_rows w * sum_k t log_softmax(s / student_temp). 0 (an empty sum,
+    with a zero gradient) when no patch is masked.
     """
-    flat = check_ibot_loss_input(student_patch_logits, teacher_patch_probs, masks, student_temp)
+    flat = check_ibot_loss_input(student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
+                                 student_temp, n_masked_patches, masks_weight)
     B, N = flat.shape
-    if student_patch_logits.ndim == 3:
-        s, t = student_patch_logits[flat], teacher_patch_probs[flat]
-    else:
-        s, t = student_patch_logits, teacher_patch_probs
-    ce = -(t.float() * F.log_softmax(s.float() / student_temp, dim=-1)).sum(dim=-1)  # (M,)
-    weights = (1.0 / flat.sum(dim=1).clamp(min=1).float())[:, None].expand(B, N)[flat]
-    return (ce * weights).sum() / B
+    s, t = student_patch_tokens_masked, teacher_patch_tokens_masked
+    if s.ndim == 3:
+        s, t = s[flat], t[flat]
+    elif n_masked_patches is not None:
+        s, t = s[:n_masked_patches], t[:n_masked_patches]
+    acc = acc_dtype(s, t)
+    ce = -(t.to(acc) * F.log_softmax(s.to(acc) / student_temp, dim=-1)).sum(dim=-1)  # (M,)
+    if masks_weight is None:
+        masks_weight = (1.0 / flat.sum(dim=1).clamp(min=1).to(acc))[:, None].expand(B, N)[flat]
+    return (ce * masks_weight.to(acc)).sum() / B
 
 
-def check_koleo_input(x: torch.Tensor, eps: float, p: float, group=None) -> None:
-    """The argument checks koleo_loss shares with its Triton kernel (shape, dtype, eps, p, rows)."""
+def check_koleo_input(x: torch.Tensor, eps: float, p: float, group=None, distance_eps: float | None = None) -> None:
+    """The argument checks koleo_loss shares with its Triton kernel (shape, dtype, eps, p, rows).
+
+    What lightly's KoLeoLoss computes passes: one row, float64, and any number p, as nn.PairwiseDistance
+    takes it (inf, 0, negative, NaN); eps and distance_eps must be > 0.
+    """
     check_tensor("x", x, ndim=2)
     check_nonempty("x", x, 1)
     check_positive("eps", eps)
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p < math.inf:
-        raise ValueError(f"p (the distance's norm degree) must be a finite number >= 1, got {p!r}")
-    if group is None and x.shape[0] < 2:
-        raise ValueError(f"x needs at least 2 rows to have a nearest neighbour, got shape {tuple(x.shape)}")
-    if group is not None and not _distributed():
+    if distance_eps is not None:
+        check_positive("distance_eps", distance_eps)
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise ValueError(f"p (the distance's norm degree) must be a number, as nn.PairwiseDistance's, got {p!r}")
+    if group is None:
+        check_nonempty("x", x, 0)
+    elif not _distributed():
         raise ValueError("group was given but torch.distributed is not initialised")
     # With a group, a rank's row count is data: it is checked in all_gather_rows, on every rank together
     # after the ranks exchange shapes, so that no rank raises alone while the others wait in a collective.
@@ -235,7 +325,8 @@ def all_gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     """Rows of `x` from every rank of `group`, concatenated in rank order, and where this rank's rows start.
 
     Differentiable: the gradient of the gathered rows is summed over ranks and returned to the rank
-    that owns them (as torch.distributed.nn.all_gather). Every rank must pass the same (B, D).
+    that owns them (as torch.distributed.nn.all_gather). Every rank must pass the same (B, D), B >= 1:
+    the ranks exchange their shapes first (one host sync), so that all raise together otherwise.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
@@ -246,44 +337,103 @@ def all_gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     shapes = [tuple(s.tolist()) for s in shapes]
     if len(set(shapes)) > 1:
         raise ValueError(f"every rank of the group must pass x of one shape (B, D), got {shapes} by rank")
-    if world * x.shape[0] < 2:
-        raise ValueError(f"the group holds {world * x.shape[0]} row(s) in all: a nearest neighbour needs at least 2")
+    if x.shape[0] == 0:
+        raise ValueError("the group holds 0 row(s) in all: KoLeo needs at least one")
     return _AllGatherRows.apply(x, group, rank, world), rank * x.shape[0]
 
 
-def koleo_loss(x: torch.Tensor, eps: float = 1e-8, *, p: float = 2.0, group=None) -> torch.Tensor:
-    """KoLeo regulariser: -mean_i log(||x_i - x_nn(i) + eps||_p + eps) on L2-normalised rows.
+def koleo_neighbours(keys: torch.Tensor, offset: int, B: int, eps: float) -> torch.Tensor:
+    """nn(i) = argmax_j <xn_{offset + i}, xn_j> over the rows j != offset + i of keys (N, D), for the B queries
+    keys[offset:offset + B], xn = F.normalize(keys, eps=eps); first index on ties (torch.max on CPU). A
+    query with no other key (N = 1) is its own neighbour, as in lightly and dinov2. Returns (B,) int64."""
+    with torch.no_grad(), torch.autocast(keys.device.type, enabled=False):
+        xn = F.normalize(keys.to(acc_dtype(keys)), p=2, dim=-1, eps=eps)
+        dots = xn[offset : offset + B] @ xn.t()
+        rows = torch.arange(B, device=keys.device)
+        dots[rows, rows + offset] = -math.inf
+        return dots.argmax(dim=1)
 
-    x: (B, D) float, B >= 2. nn(i) maximises <x_i, x_j> over j != i (first index on ties, as
-    torch.max on CPU). eps is used three times as in dinov2 and lightly: in F.normalize, inside
-    nn.PairwiseDistance and in the log. p is the distance's norm degree (lightly's KoLeoLoss(p=...)).
+
+def koleo_pair_loss(keys: torch.Tensor, offset: int, nn_idx: torch.Tensor, eps: float, p: float = 2.0,
+                    distance_eps: float | None = None) -> torch.Tensor:
+    """-mean_i log(||xn_{offset + i} - xn_nn(i) + distance_eps||_p + eps) at given neighbours nn_idx (B,), xn as
+    in koleo_neighbours; distance_eps defaults to eps. Differentiable in keys; a scalar in keys' dtype."""
+    with torch.autocast(keys.device.type, enabled=False):
+        k = keys.to(acc_dtype(keys))  # one rounding of the gradient, at the end
+        queries = F.normalize(k[offset : offset + nn_idx.shape[0]], p=2, dim=-1, eps=eps)
+        neighbours = F.normalize(k[nn_idx], p=2, dim=-1, eps=eps)
+        distances = F.pairwise_distance(queries, neighbours, p=p, eps=eps if distance_eps is None else distance_eps)
+        return -torch.log(distances + eps).mean().to(keys.dtype)
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8, *, p: float = 2.0, group=None,
+               distance_eps: float | None = None) -> torch.Tensor:
+    """KoLeo regulariser: -mean_i log(||xn_i - xn_nn(i) + eps||_p + eps), xn = F.normalize(x, eps=eps).
+
+    x: (B, D) float, B >= 1 (a lone row is its own neighbour, as in lightly and dinov2). nn(i)
+    maximises <xn_i, xn_j> over j != i (first index on ties, as torch.max on CPU). eps is used three
+    times as in lightly: in F.normalize, inside nn.PairwiseDistance and in the log; distance_eps, if
+    given, replaces the second (dinov2's KoLeoLoss.forward(x, eps) keeps nn.PairwiseDistance's at
+    1e-8). p is the distance's norm degree (lightly's KoLeoLoss(p=...)), any number it takes.
     group: a torch.distributed process group; the neighbours are then searched among the rows of
     every rank of the group (all-gathered with gradient, as dinov3's KoLeoLossDistributed), the mean
-    is over this rank's rows. Autocast is disabled inside, as in dinov2. Returns a float32 scalar.
+    is over this rank's rows. Autocast is disabled inside, as in dinov2. Computed in fp32 (float64 for
+    float64 x); returns a scalar in x's dtype, as lightly's.
     """
-    check_koleo_input(x, eps, p, group)
-    with torch.autocast(x.device.type, enabled=False):
-        xn = F.normalize(x.float(), p=2, dim=-1, eps=eps)
-        keys, offset = (xn, 0) if group is None else all_gather_rows(xn, group)
-        with torch.no_grad():
-            dots = xn @ keys.t()
-            rows = torch.arange(x.shape[0], device=x.device)
-            dots[rows, rows + offset] = -math.inf
-            nn_idx = dots.argmax(dim=1)
-        distances = F.pairwise_distance(xn, keys[nn_idx], p=p, eps=eps)
-        return -torch.log(distances + eps).mean()
+    check_koleo_input(x, eps, p, group, distance_eps)
+    keys, offset = (x, 0) if group is None else all_gather_rows(x, group)
+    nn_idx = koleo_neighbours(keys, offset, x.shape[0], eps)
+    return koleo_pair_loss(keys, offset, nn_idx, eps, p=p, distance_eps=distance_eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q @ k^T * scale) @ v, plain math in fp32.
+    """softmax(q @ k^T * scale) @ v, plain math in fp32 (float64 if an input is float64).
 
     q, k, v: (B, H, N, D), any float dtype; scale defaults to D ** -0.5. Returns (B, H, N, D) in q's dtype.
     """
     check_qkv(q, k, v, "(B, H, N, D)")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
-    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    acc = acc_dtype(q, k, v)
+    scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
+    return (torch.softmax(scores, dim=-1) @ v.to(acc)).to(q.dtype)
+
+
+def attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of <attention(q, k, v, scale), grad_out>, in q's, k's and v's dtypes.
+
+    The softmax P is recomputed, then dV = P^T dO, dS = P * (dO V^T - rowsum(P * dO V^T)),
+    dQ = dS K * scale, dK = dS^T Q * scale: plain math in attention's precision, no autograd (the
+    kernels' eager backend runs it inside a torch.library op, where autograd records nothing).
+    """
+    check_qkv(q, k, v, "(B, H, N, D)")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    acc = acc_dtype(q, k, v)
+    q_, k_, v_, do = (t.to(acc) for t in (q, k, v, grad_out))
+    p = torch.softmax((q_ @ k_.transpose(-2, -1)) * scale, dim=-1)
+    dp = do @ v_.transpose(-2, -1)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dq, dk, dv = (ds @ k_) * scale, (ds.transpose(-2, -1) @ q_) * scale, p.transpose(-2, -1) @ do
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _per_sequence(fn, cu_seqlens: torch.Tensor, *packed: torch.Tensor) -> list[torch.Tensor]:
+    """fn on (count, H, length, D) views of the packed (total_tokens, H, D) tensors, once per run of
+    `count` consecutive sequences of one length; its outputs (a tensor or a tuple) packed back into
+    (total_tokens, H, D) tensors, returned as a list. Reads the offsets on the host."""
+    offsets = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(offsets, offsets[1:], strict=False)]
+    outs = []
+    for length, run in itertools.groupby(zip(offsets, lengths, strict=False), key=lambda pair: pair[1]):
+        run = list(run)
+        start, count = run[0][0], len(run)
+        views = (t[start:start + count * length].unflatten(0, (count, length)).transpose(1, 2) for t in packed)
+        result = fn(*views)
+        outs.append([r.transpose(1, 2).flatten(0, 1) for r in (result if isinstance(result, tuple) else (result,))])
+    return [torch.cat(parts) for parts in zip(*outs, strict=True)]
 
 
 def attention_varlen(
@@ -295,16 +445,19 @@ def attention_varlen(
     q, k, v: (total_tokens, H, D); sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1]
     (cu_seqlens: (n_seqs + 1,) int32 offsets from 0 to total_tokens, max_seqlen >= every length).
     Each run of consecutive equal-length sequences is one batched call. Returns (total_tokens, H, D) in q's dtype.
+    Reads the offsets on the host (a sync for offsets on a GPU).
     """
     check_qkv(q, k, v, "(total_tokens, H, D)")
-    offsets = check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens=q.shape[0])
-    outs = []
-    lengths = [end - start for start, end in zip(offsets, offsets[1:], strict=False)]
-    for length, run in itertools.groupby(zip(offsets, lengths, strict=False), key=lambda pair: pair[1]):
-        run = list(run)
-        start, count = run[0][0], len(run)
-        if length > 0:  # a run of `count` sequences of one length is a (count, length, H, D) view
-            q_b, k_b, v_b = (t[start:start + count * length].unflatten(0, (count, length)).transpose(1, 2)
-                             for t in (q, k, v))
-            outs.append(attention(q_b, k_b, v_b, scale).transpose(1, 2).flatten(0, 1))
-    return torch.cat(outs) if outs else torch.zeros_like(q)
+    check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens=q.shape[0])
+    return _per_sequence(lambda *qkv: attention(*qkv, scale), cu_seqlens, q, k, v)[0]
+
+
+def attention_varlen_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    max_seqlen: int, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of <attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale), grad_out>:
+    attention_backward within each sequence. Reads the offsets on the host."""
+    check_qkv(q, k, v, "(total_tokens, H, D)")
+    check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens=q.shape[0])
+    return tuple(_per_sequence(lambda *t: attention_backward(*t, scale), cu_seqlens, grad_out, q, k, v))

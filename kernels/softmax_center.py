@@ -23,16 +23,16 @@ import triton.language as tl
 from dinotron.kernels import reference
 from dinotron.kernels.backend import resolve_backend
 from dinotron.kernels.checks import check_finite_result, check_nonempty, check_positive, check_same_device, check_tensor
-from dinotron.kernels.layout import TeacherTargets, ViewTable, row_pointers, rows_table, tile
+from dinotron.kernels.layout import TeacherTargets, ViewTable, row_pointers, rows_table, tile, view_table
 
 _BLOCK_R_CENTER = 4  # rows per program when summing columns for the centre: R / 4 atomic adds per column
 
 
 @triton.jit
 def _row_lse_kernel(
-    X, X_OFFSETS, BIAS, LSE, PROBS, COLSUM,
-    n_rows, K, rows_per_view, row_stride, scale, bias_scale,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
+    X, BIAS, LSE, PROBS, COLSUM,
+    n_rows, K, rows_per_view, view_stride, row_stride, scale, bias_scale,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, WITH_COLSUM: tl.constexpr, WRITE_PROBS: tl.constexpr,
 ):
     """Rows r of the table: LSE[r] = logsumexp_k(z) with z = x * scale + bias_scale * BIAS[k];
@@ -40,7 +40,7 @@ def _row_lse_kernel(
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < n_rows
-    rows = row_pointers(X, X_OFFSETS, tl.where(r_mask, r, 0), rows_per_view, row_stride, ALIGN)
+    rows = row_pointers(X, tl.where(r_mask, r, 0), rows_per_view, view_stride, row_stride)
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_R,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -116,9 +116,9 @@ def row_lse(
     probs = torch.empty(R, K, dtype=torch.float32, device=device) if write_probs else None
     colsum = torch.zeros(1, K, dtype=torch.float32, device=device) if with_colsum else None
     _row_lse_kernel[(programs,)](
-        table.base, table.offsets, bias, lse, probs, colsum,
-        R, K, B, table.row_stride, scale, bias_scale,
-        BLOCK_R=block_r, BLOCK_K=block_k, ALIGN=table.align,
+        table.base, bias, lse, probs, colsum,
+        R, K, B, table.view_stride, table.row_stride, scale, bias_scale,
+        BLOCK_R=block_r, BLOCK_K=block_k,
         HAS_BIAS=bias is not None, WITH_COLSUM=with_colsum, WRITE_PROBS=write_probs,
         num_warps=8,
     )
@@ -144,17 +144,6 @@ def center_ema(center: torch.Tensor, partial: torch.Tensor, n_rows: int, momentu
     return out
 
 
-def softmax_center_targets(
-    teacher: ViewTable, center: torch.Tensor, teacher_temp: float, momentum: float,
-) -> tuple[TeacherTargets, torch.Tensor]:
-    """Lazy softmax-centred targets of the teacher logits (one pass over them), and the updated centre."""
-    col = center.reshape(-1).clone(memory_format=torch.contiguous_format)  # the targets outlive in-place centre updates
-    lse, _, colsum = row_lse(teacher, 1.0 / teacher_temp, col, -1.0 / teacher_temp, with_colsum=True)
-    targets = TeacherTargets(teacher, row_lse=lse, col=col, col_scale=-1.0 / teacher_temp,
-                             logit_scale=1.0 / teacher_temp)
-    return targets, center_ema(center, colsum, lse.shape[0], momentum)
-
-
 def _check_teacher_args(teacher_logits, center, teacher_temp: float, ndim=None) -> int:
     """K, after checking the logits (K > 0; zero rows are allowed), the centre's size and the temperature."""
     check_tensor("teacher_logits", teacher_logits, ndim=ndim)
@@ -171,50 +160,122 @@ def _check_momentum(momentum: float) -> None:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
 
 
-def _softmax_center(name, teacher_logits, center, teacher_temp, momentum, backend, check_finite):
-    """(probabilities, new centre or None without momentum), on the backend `backend` resolves to."""
-    _check_teacher_args(teacher_logits, center, teacher_temp, ndim=None if momentum is None else (2, 3))
-    if momentum is not None:
-        _check_momentum(momentum)
-    if resolve_backend(backend, teacher_logits, center) == "eager":
-        probs = reference.softmax_center_teacher(teacher_logits, center, teacher_temp)
-        new = None if momentum is None else reference.update_center(center, teacher_logits, momentum)
-        finite = [probs]
-    else:
-        col = center.reshape(-1).contiguous()
-        lse, probs, colsum = row_lse(
-            rows_table(teacher_logits), 1.0 / teacher_temp, col, -1.0 / teacher_temp, write_probs=True,
-            with_colsum=momentum is not None,
-        )
-        new = None if momentum is None else center_ema(center, colsum, lse.shape[0], momentum)
-        probs, finite = probs.reshape(teacher_logits.shape), [lse]
+def _softmax_center(teacher_logits, center, teacher_temp, momentum, backend):
+    """(probabilities, new centre or None without momentum), on `backend`."""
+    if backend == "eager":  # contiguous, as the fake implementations say, whatever the logits' strides
+        probs = reference.softmax_center_teacher(teacher_logits, center, teacher_temp).contiguous()
+        return probs, None if momentum is None else reference.update_center(center, teacher_logits, momentum)
+    col = center.reshape(-1).contiguous()
+    lse, probs, colsum = row_lse(rows_table(teacher_logits), 1.0 / teacher_temp, col, -1.0 / teacher_temp,
+                                 write_probs=True, with_colsum=momentum is not None)
+    new = None if momentum is None else center_ema(center, colsum, lse.shape[0], momentum)
+    return probs.reshape(teacher_logits.shape), new
+
+
+# The ops. Teacher targets carry no gradient (dinov2 runs the teacher under no_grad): no autograd is registered.
+@torch.library.custom_op("dinotron::softmax_center_teacher", mutates_args=(),
+                         schema="(Tensor teacher_logits, Tensor center, float teacher_temp, str backend) -> Tensor")
+def _softmax_center_op(teacher_logits, center, teacher_temp, backend):
+    return _softmax_center(teacher_logits, center, teacher_temp, None, backend)[0]
+
+
+@torch.library.custom_op(
+    "dinotron::softmax_center_and_update_teacher", mutates_args=(),
+    schema="(Tensor teacher_logits, Tensor center, float teacher_temp, float momentum, str backend) "
+           "-> (Tensor, Tensor)",
+)
+def _softmax_center_and_update_op(teacher_logits, center, teacher_temp, momentum, backend):
+    return _softmax_center(teacher_logits, center, teacher_temp, momentum, backend)
+
+
+@torch.library.custom_op("dinotron::update_center", mutates_args=(),
+                         schema="(Tensor center, Tensor teacher_logits, float momentum, str backend) -> Tensor")
+def _update_center_op(center, teacher_logits, momentum, backend):
+    if backend == "eager":
+        return reference.update_center(center, teacher_logits, momentum)
+    rows = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    return center_ema(center, rows if rows.stride(1) == 1 else rows.contiguous(), rows.shape[0], momentum)
+
+
+@torch.library.custom_op(
+    "dinotron::softmax_center_targets", mutates_args=(),
+    schema="(Tensor[] teacher, Tensor center, float teacher_temp, float momentum, str backend) "
+           "-> (Tensor, Tensor, Tensor)",
+)
+def _softmax_center_targets_op(teacher, center, teacher_temp, momentum, backend):
+    """The fused losses' lazy softmax-centred targets of T views of (B, K) teacher logits (one pass over
+    them): (row_lse (T * B,), col = the old centre (K,), the new centre); layout.TeacherTargets."""
+    if backend == "eager":
+        stacked = torch.stack(teacher)
+        return (reference.softmax_center_lse(stacked, center, teacher_temp),
+                center.reshape(-1).to(reference.acc_dtype(stacked), copy=True),
+                reference.update_center(center, stacked, momentum))
+    col = center.reshape(-1).to(torch.float32, copy=True)
+    lse, _, colsum = row_lse(view_table(teacher), 1.0 / teacher_temp, col, -1.0 / teacher_temp, with_colsum=True)
+    return lse, col, center_ema(center, colsum, lse.shape[0], momentum)
+
+
+def _probs_like(teacher_logits):
+    return teacher_logits.new_empty(teacher_logits.shape, dtype=reference.acc_dtype(teacher_logits))
+
+
+@_softmax_center_op.register_fake
+def _(teacher_logits, center, teacher_temp, backend):
+    return _probs_like(teacher_logits)
+
+
+@_softmax_center_and_update_op.register_fake
+def _(teacher_logits, center, teacher_temp, momentum, backend):
+    return _probs_like(teacher_logits), center.new_empty(center.shape)
+
+
+@_update_center_op.register_fake
+def _(center, teacher_logits, momentum, backend):
+    return center.new_empty(center.shape)
+
+
+@_softmax_center_targets_op.register_fake
+def _(teacher, center, teacher_temp, momentum, backend):
+    acc = reference.acc_dtype(teacher[0])
+    rows = len(teacher) * teacher[0].shape[0]
+    return (teacher[0].new_empty(rows, dtype=acc), teacher[0].new_empty(teacher[0].shape[-1], dtype=acc),
+            center.new_empty(center.shape))
+
+
+def softmax_center_targets(teacher: list[torch.Tensor], center: torch.Tensor, teacher_temp: float, momentum: float,
+                           backend: str) -> tuple[TeacherTargets, torch.Tensor]:
+    """Lazy softmax-centred targets of the teacher logits, and the updated centre (one op)."""
+    lse, col, new_center = _softmax_center_targets_op(teacher, center, teacher_temp, momentum, backend)
+    return TeacherTargets(teacher, row_lse=lse, col=col, col_scale=-1.0 / teacher_temp,
+                          logit_scale=1.0 / teacher_temp), new_center
+
+
+def _finite(name, check_finite, *values, all_ranks=False):
     if check_finite:  # a -inf logit has probability 0, but would make the centre -inf
-        # With the centre update (all-reduced) the ranks agree on the verdict: a rank with zero rows raises too.
-        check_finite_result(name, "teacher_logits or center", *finite, *([] if new is None else [new]),
-                            all_ranks=new is not None)
-    return probs, new
+        check_finite_result(name, "teacher_logits or center", *values, all_ranks=all_ranks)
 
 
-@torch.no_grad()
 def softmax_center_teacher(
     teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float, *,
-    backend: str | None = None, check_finite: bool = True,
+    backend: str | None = None, check_finite: bool = False,
 ) -> torch.Tensor:
     """softmax((teacher_logits - center) / teacher_temp) over the last dim, as dinov2.
 
-    teacher_logits: (..., K) float32/float16/bfloat16, e.g. (B, K) or (V, B, K); center: K elements,
-    e.g. (1, K). Any number of rows, zero too (then no kernel runs). Returns float32 probabilities
-    shaped like teacher_logits. check_finite=False skips the NaN/inf check of the result (one
-    device-to-host sync).
+    teacher_logits: (..., K) float32/float16/bfloat16 (float64 on the eager path), e.g. (B, K) or
+    (V, B, K); center: K elements, e.g. (1, K). Any number of rows, zero too (then no kernel runs).
+    Returns float32 (float64) probabilities shaped like teacher_logits; no gradient. check_finite=True
+    raises ValueError on a NaN/inf result (one device-to-host sync).
     """
-    return _softmax_center("softmax_center_teacher", teacher_logits, center, teacher_temp, None, backend,
-                           check_finite)[0]
+    _check_teacher_args(teacher_logits, center, teacher_temp)
+    probs = _softmax_center_op(teacher_logits.detach(), center.detach(), float(teacher_temp),
+                               resolve_backend(backend, teacher_logits, center))
+    _finite("softmax_center_teacher", check_finite, probs)
+    return probs
 
 
-@torch.no_grad()
 def softmax_center_and_update_teacher(
     teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float, momentum: float = 0.9, *,
-    backend: str | None = None, check_finite: bool = True,
+    backend: str | None = None, check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax_center_teacher and update_center in one pass over the teacher logits.
 
@@ -222,16 +283,20 @@ def softmax_center_and_update_teacher(
     the new centre, shaped and typed like `center`). The probabilities use the old centre, as
     dinov2's softmax_center_teacher followed by update_center (all-reduced over ranks likewise).
     Zero rows: empty probabilities, and the centre as update_center gives it. With torch.distributed
-    initialised every rank must call it (it all-reduces whatever its rows), check_finite included.
+    initialised every rank must call it (it all-reduces whatever its rows), check_finite included
+    (its verdict is all-reduced, so that a rank with zero rows raises with the others).
     """
-    return _softmax_center("softmax_center_and_update_teacher", teacher_logits, center, teacher_temp, momentum,
-                           backend, check_finite)
+    _check_teacher_args(teacher_logits, center, teacher_temp, ndim=(2, 3))
+    _check_momentum(momentum)
+    probs, new = _softmax_center_and_update_op(teacher_logits.detach(), center.detach(), float(teacher_temp),
+                                               float(momentum), resolve_backend(backend, teacher_logits, center))
+    _finite("softmax_center_and_update_teacher", check_finite, probs, new, all_ranks=True)
+    return probs, new
 
 
-@torch.no_grad()
 def update_center(
     center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float = 0.9, *,
-    backend: str | None = None, check_finite: bool = True,
+    backend: str | None = None, check_finite: bool = False,
 ) -> torch.Tensor:
     """EMA of the batch mean: center * momentum + mean(teacher_logits) * (1 - momentum), as dinov2.
 
@@ -240,13 +305,9 @@ def update_center(
     rows contributes zero sums and a zero count). No row on any rank (or in the one process): the
     centre unchanged, not NaN. Returns a new tensor shaped and typed like `center`.
     """
-    K = _check_teacher_args(teacher_logits, center, 1.0, ndim=(2, 3))
+    _check_teacher_args(teacher_logits, center, 1.0, ndim=(2, 3))
     _check_momentum(momentum)
-    if resolve_backend(backend, teacher_logits, center) == "eager":
-        new = reference.update_center(center, teacher_logits, momentum)
-    else:
-        rows = teacher_logits.reshape(-1, K)
-        new = center_ema(center, rows if rows.stride(1) == 1 else rows.contiguous(), rows.shape[0], momentum)
-    if check_finite:
-        check_finite_result("update_center", "teacher_logits or center", new)
+    new = _update_center_op(center.detach(), teacher_logits.detach(), float(momentum),
+                            resolve_backend(backend, teacher_logits, center))
+    _finite("update_center", check_finite, new)
     return new

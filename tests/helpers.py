@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dinotron.train.config import Config, load_config
 
@@ -149,3 +150,67 @@ def join_trainer_ranks(rank: int, world: int, init_file) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+
+
+def leave_ranks() -> None:
+    """End a gloo worker that succeeded: a barrier (no rank closes its connections while another still uses
+    them), destroy the group, then exit at once. Skipping interpreter finalisation matters: gloo work objects
+    still referenced from Python (FSDP2's reduce-scatter handles) destroyed there abort the process (SIGABRT,
+    "terminate called without an active exception", seen in CI after every assertion had passed)."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+# ---- dinov2's loss formulas, transcribed: the oracles of the loss tests ----
+
+def dinov2_dino_forward(student_output_list, teacher_out_softmaxed_centered_list, student_temp=0.1):
+    """dinov2's DINOLoss.forward, transcribed: every (student view, teacher view) pair, summed."""
+    total_loss = 0
+    for s in student_output_list:
+        lsm = F.log_softmax(s / student_temp, dim=-1)
+        for t in teacher_out_softmaxed_centered_list:
+            loss = torch.sum(t * lsm, dim=-1)
+            total_loss -= loss.mean()
+    return total_loss
+
+
+def dinov2_ibot_forward_masked(student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
+                               n_masked_patches=None, masks_weight=None, student_temp=0.1):
+    """dinov2's iBOTPatchLoss.forward_masked, transcribed (its lossfunc without xformers)."""
+    t = teacher_patch_tokens_masked
+    s = student_patch_tokens_masked
+    loss = torch.sum(t * F.log_softmax(s / student_temp, dim=-1), dim=-1)
+    if masks_weight is None:
+        masks_weight = (
+            (1 / student_masks_flat.sum(-1).clamp(min=1.0))
+            .unsqueeze(-1)
+            .expand_as(student_masks_flat)[student_masks_flat]
+        )
+    if n_masked_patches is not None:
+        loss = loss[:n_masked_patches]
+    loss = loss * masks_weight
+    return -loss.sum() / student_masks_flat.shape[0]
+
+
+def dinov2_ibot_forward(student_patch_tokens, teacher_patch_tokens, student_masks_flat, student_temp=0.1):
+    """dinov2's iBOTPatchLoss.forward (dense (B, N, K) tokens), transcribed."""
+    t = teacher_patch_tokens
+    s = student_patch_tokens
+    loss = torch.sum(t * F.log_softmax(s / student_temp, dim=-1), dim=-1)
+    loss = torch.sum(loss * student_masks_flat.float(), dim=-1) / student_masks_flat.sum(dim=-1).clamp(min=1.0)
+    return -loss.mean()
+
+
+def dinov2_collate(masks, dtype=torch.float32):
+    """What dinov2's collate_data_and_cast adds for the masks (B, N): mask_indices_list, n_masked_patches
+    (an int, as ssl_meta_arch reads it), masks_weight (one per masked patch; dinov2's are fp32, `dtype`
+    makes them float64 for float64 tests) and upperbound (the padded row count of the masked-token
+    buffers; here the masked count plus 3)."""
+    mask_indices_list = masks.flatten().nonzero().flatten()
+    masks_weight = (1 / masks.sum(-1).clamp(min=1.0).to(dtype)).unsqueeze(-1).expand_as(masks)[masks]
+    return mask_indices_list, mask_indices_list.shape[0], masks_weight, mask_indices_list.shape[0] + 3

@@ -13,7 +13,18 @@ Tolerances (element-wise, TOL):
 - whole timm models under autocast (assert_model_close): outputs and input gradients at TOL; a
   parameter gradient sums per-token terms over the B x N tokens, each off by up to TOL's atol, so
   atol x sqrt(B x N).
+The ops (dinotron::attention and its backward) under torch.compile: dynamo's explain must find one
+graph and no break, which also shows that the Python around the op reads no tensor value on the host
+(a .item(), .tolist() or bool(tensor) would break the graph); compiled (aot_eager, or CUDA graphs on
+a GPU) and eager runs are the same op implementations on the same inputs, so they must agree exactly
+(a swapped timm Attention compiled by inductor on a GPU: within TOL, as inductor fuses the bf16 layers
+around the op); each case is also checked against its oracle above (torch's
+scaled_dot_product_attention per sequence, or timm's own forward) at the tolerances above. The eager
+backend's written-out backward (reference.attention_backward) against autograd through the
+reference's forward: fp32 defaults (measured 2e-7). Tests of the Triton backend count its launches
+(helpers.spy_launches), those of the eager backend check there are none.
 """
+import contextlib
 import copy
 import io
 import math
@@ -21,17 +32,21 @@ import math
 import pytest
 import timm
 import torch
+import torch._dynamo.testing
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dinotron.kernels import (
     attention,
     attention_varlen,
+    flash_attention,
     make_cu_seqlens,
     packed_sequences,
     reference,
     swap_timm_attention,
 )
 from dinotron.kernels.flash_attention import attention_forward, is_swapped, is_timm_attention, num_tiles
+from helpers import spy_launches
 from lowering import assert_lowers
 
 TOL = {torch.float16: dict(atol=4e-3, rtol=1e-2), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}  # module docstring
@@ -42,11 +57,11 @@ def qkv_inputs(shape, dtype=torch.float16, device="cpu"):
 
 
 def value_and_grads(fn, inputs, grad_out=None):
-    """fn(*inputs) and the gradients of <fn(*inputs), grad_out> w.r.t. inputs."""
+    """fn(*inputs) and the gradients of <fn(*inputs), grad_out> (cast to its dtype) w.r.t. inputs."""
     out = fn(*inputs)
     if grad_out is None:
         grad_out = torch.randn_like(out)
-    return out, torch.autograd.grad(out, inputs, grad_out), grad_out
+    return out, torch.autograd.grad(out, inputs, grad_out.to(out.dtype)), grad_out
 
 
 def upcast(inputs):
@@ -63,6 +78,19 @@ def check_against_reference(inputs, dtype, fn, ref_fn):
     ref_out, ref_grads, _ = value_and_grads(ref_fn, upcast(inputs), grad_out.float())
     assert out.dtype == dtype
     assert_all_close([out, *grads], [ref_out, *ref_grads], **TOL[dtype])
+
+
+def sdpa_per_sequence(q, k, v, cu_seqlens):
+    """Oracle of attention_varlen: torch's scaled_dot_product_attention on each packed sequence alone."""
+    bounds = cu_seqlens.tolist()
+    return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+                      for a, b in zip(bounds, bounds[1:], strict=False)])
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The launches of the forward and of the backward kernel, to tell which backend ran."""
+    return {name: spy_launches(monkeypatch, flash_attention, name) for name in ("_attn_fwd", "_attn_bwd")}
 
 
 @pytest.mark.parametrize("B,H,N", [(2, 1, 1), (2, 2, 50), (1, 2, 65), (1, 2, 257)])
@@ -157,10 +185,17 @@ def test_num_tiles_covers_every_sequence():
             assert covered, (block, tail, n)
 
 
-def test_eager_fallback_and_autocast():
-    q, k, v = (torch.randn(2, 2, 9, 48) for _ in range(3))
-    torch.testing.assert_close(attention(q, k, v), reference.attention(q, k, v), rtol=0, atol=0)
-    torch.testing.assert_close(attention(q, k, v, backend="eager"), reference.attention(q, k, v), rtol=0, atol=0)
+def test_eager_fallback_and_autocast(launches):
+    """The eager backend runs the reference inside the op: its values exactly; its gradients (the
+    reference's written-out backward) against autograd through the reference's forward, at fp32's
+    defaults; no kernel launch. Then autocast's cast before the kernel."""
+    inputs = qkv_inputs((2, 2, 9, 48), torch.float32)
+    for backend in (None, "eager"):
+        out, grads, grad_out = value_and_grads(lambda q, k, v: attention(q, k, v, backend=backend), inputs)
+        ref_out, ref_grads, _ = value_and_grads(reference.attention, upcast(inputs), grad_out)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        assert_all_close(grads, ref_grads)
+    assert not launches["_attn_fwd"] and not launches["_attn_bwd"]
     inputs = qkv_inputs((1, 2, 20, 64), torch.float32)
     with torch.autocast("cpu", dtype=torch.float16):
         out = attention(*inputs, backend="triton")
@@ -192,18 +227,37 @@ def test_kernel_on_cpu_needs_the_interpreter(monkeypatch):
         attention(Q, Q, Q, backend="triton")
 
 
+T10 = torch.ones(10, 2, 64).half()  # (total_tokens, H, D) = (10, 2, 64)
+
+
 @pytest.mark.parametrize("cu_seqlens,max_seqlen,match", [
     pytest.param(torch.tensor([0.0, 10.0]), 10, "int32", id="float"),
-    pytest.param(torch.tensor([1, 10], dtype=torch.int32), 10, "start at 0", id="start"),
-    pytest.param(torch.tensor([0, 6, 4, 10], dtype=torch.int32), 10, "non-decreasing", id="decreasing"),
-    pytest.param(torch.tensor([0, 4, 9], dtype=torch.int32), 10, "ends at 9", id="end"),
-    pytest.param(torch.tensor([0, 4, 10], dtype=torch.int32), 5, "max_seqlen", id="max-seqlen"),
     pytest.param(torch.tensor([[0, 10]], dtype=torch.int32), 10, "1-D", id="2-d"),
+    pytest.param(torch.tensor([0], dtype=torch.int32), 10, r"n_seqs \+ 1 >= 2", id="one-offset"),
+    pytest.param(torch.tensor([0, 10], dtype=torch.int32), 10.0, "max_seqlen must be a host int", id="float-max"),
+    pytest.param([0, 4, 10], -1, "max_seqlen must be a host int", id="negative-max"),
 ])
-def test_bad_cu_seqlens_raise(cu_seqlens, max_seqlen, match):
-    t = torch.ones(10, 2, 64).half()
+def test_bad_packing_arguments_raise(cu_seqlens, max_seqlen, match):
+    """What the host knows without reading the offsets: ValueError."""
     with pytest.raises(ValueError, match=match):
-        attention_varlen(t, t, t, cu_seqlens, max_seqlen, backend="triton")
+        attention_varlen(T10, T10, T10, cu_seqlens, max_seqlen, backend="triton")
+
+
+@pytest.mark.parametrize("cu_seqlens,max_seqlen,match", [
+    pytest.param([1, 10], 10, "must start at 0", id="start"),
+    pytest.param([0, 6, 4, 10], 10, "non-decreasing", id="decreasing"),
+    pytest.param([0, 4, 9], 10, "must end at 10", id="end"),
+    pytest.param([0, 4, 10], 5, "longer than max_seqlen=5", id="max-seqlen"),
+])
+def test_bad_offsets_fail_the_device_checks(cu_seqlens, max_seqlen, match, launches):
+    """The offsets' values, checked with torch._assert_async (no host sync): on CPU tensors a
+    RuntimeError with the check's message, before any kernel runs; the reference checks alike."""
+    cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=match):
+        attention_varlen(T10, T10, T10, cu_seqlens, max_seqlen, backend="triton")
+    assert not launches["_attn_fwd"]
+    with pytest.raises(RuntimeError, match=match):
+        reference.attention_varlen(T10, T10, T10, cu_seqlens, max_seqlen)
 
 
 # --- timm integration -----------------------------------------------------------------------------
@@ -323,14 +377,115 @@ def test_packed_global_and_local_crops_match_separate_batches(backend):
     packed_in = torch.cat([global_tokens.flatten(0, 1), local_tokens.flatten(0, 1)])[None]
     with autocast, packed_sequences(cu_seqlens, max_seqlen):
         packed = blocks(packed_in)[0]
-        with pytest.raises(ValueError, match=r"expects x of shape \(1, 69, C\)"):
+        with pytest.raises(ValueError, match=r"expects x of shape \(1, total_tokens, C\)"):
             blocks(global_tokens)
+        with pytest.raises(RuntimeError, match="cu_seqlens must end at 60"):  # 69 tokens packed
+            blocks(packed_in[:, 9:])
     actual = [packed, *torch.autograd.grad((packed.float() * weight).sum(), [global_tokens, local_tokens, *params])]
     # eager runs in fp32 (autocast off): the same math batched differently, torch.testing's fp32
     # defaults (measured 2.5% of them). The kernel under fp16 autocast runs the same fp16 math per
     # sequence either way: results differ by about one fp16 ulp (9.8e-4 at |x| < 2, the largest
     # difference measured), so atol 2e-3, rtol 1e-2, tighter than TOL's reference comparisons.
     assert_all_close(actual, expected, **(dict(atol=2e-3, rtol=1e-2) if backend == "triton" else {}))
+
+
+# --- torch.library ops under torch.compile ------------------------------------------------------------
+
+CU_SEQLENS, MAX_SEQLEN = make_cu_seqlens([5, 0, 11])  # 16 tokens, an empty sequence among them
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compile tests start from, and leave behind, an empty dynamo cache."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def small_qkv(varlen: bool, backend: str):
+    """q, k, v for the op: fp16 with D=64 for the kernel, fp32 with D=8 for the eager reference."""
+    dtype, D = (torch.float16, 64) if backend == "triton" else (torch.float32, 8)
+    return qkv_inputs((16, 2, D) if varlen else (2, 2, 9, D), dtype)
+
+
+def ops_case(varlen: bool, backend: str):
+    """(fn, inputs, oracle, context) for attention or attention_varlen on small_qkv."""
+    if varlen:
+        return (lambda q, k, v: attention_varlen(q, k, v, CU_SEQLENS, MAX_SEQLEN, backend=backend),
+                small_qkv(True, backend), lambda q, k, v: sdpa_per_sequence(q, k, v, CU_SEQLENS),
+                contextlib.nullcontext())
+    return (lambda q, k, v: attention(q, k, v, backend=backend), small_qkv(False, backend),
+            F.scaled_dot_product_attention, contextlib.nullcontext())
+
+
+def timm_case(packed: bool):
+    """(fn, inputs, oracle, context) for a swapped timm Attention (backend="triton"): inside
+    packed_sequences in fp32 (the eager reference through the op), else under fp16 autocast (the
+    kernel). The oracle is timm's own forward, on each packed sequence alone."""
+    attn = swap_timm_attention(small_vit(qk_norm=True).blocks[0].attn, backend="triton")
+    if not packed:
+        return attn, [torch.randn(2, 9, 128).requires_grad_()], lambda x: type(attn).forward(attn, x), \
+            torch.autocast("cpu", dtype=torch.float16)
+    bounds = CU_SEQLENS.tolist()
+
+    def per_sequence(x):
+        return torch.cat([type(attn).forward(attn, x[:, a:b]) for a, b in zip(bounds, bounds[1:], strict=False)], 1)
+
+    return attn, [torch.randn(1, 16, 128).requires_grad_()], per_sequence, packed_sequences(CU_SEQLENS, MAX_SEQLEN)
+
+
+COMPILE_CASES = {
+    "dense-eager": lambda: ops_case(False, "eager"),
+    "varlen-eager": lambda: ops_case(True, "eager"),
+    "dense-triton": lambda: ops_case(False, "triton"),
+    "varlen-triton": lambda: ops_case(True, "triton"),
+    "timm-dense-triton": lambda: timm_case(packed=False),
+    "timm-packed-eager": lambda: timm_case(packed=True),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
+def test_compile_sees_one_graph_with_eager_values(case, fresh_dynamo, launches):
+    fn, inputs, oracle, context = COMPILE_CASES[case]()
+    with context:
+        explained = torch._dynamo.explain(fn)(*inputs)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        for spy in launches.values():
+            spy.clear()
+        out, grads, grad_out = value_and_grads(fn, inputs)
+        compiled_out, compiled_grads, _ = value_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True),
+                                                          inputs, grad_out)
+        oracle_out, oracle_grads, _ = value_and_grads(oracle, upcast(inputs), grad_out)
+    assert_all_close([compiled_out, *compiled_grads], [out, *grads], rtol=0, atol=0)
+    kernel = case.endswith("triton")
+    assert [len(launches["_attn_fwd"]), len(launches["_attn_bwd"])] == ([2, 4] if kernel else [0, 0])
+    assert_all_close([out, *grads], [oracle_out, *oracle_grads], **(TOL[torch.float16] if kernel else {}))
+
+
+def test_a_new_packing_of_the_same_shape_reuses_the_graph(fresh_dynamo):
+    """The trainer enters packed_sequences at every step with new offsets of one shape: one compile."""
+    attn = swap_timm_attention(small_vit().blocks[0].attn)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(attn, backend=counter, fullgraph=True)
+    x = torch.randn(1, 16, 128)
+    for _ in range(3):
+        with packed_sequences(*make_cu_seqlens([5, 0, 11])):
+            compiled(x)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_opcheck(backend, varlen, launches):
+    """torch.library.opcheck of both ops: schema, fake tensors (shapes, strides), autograd registration
+    and AOT dispatch, static and dynamic shapes."""
+    q, k, v = small_qkv(varlen, backend)
+    args = (q, k, v, CU_SEQLENS if varlen else None, MAX_SEQLEN if varlen else q.shape[2], 0.3, backend)
+    torch.library.opcheck(torch.ops.dinotron.attention.default, args)
+    out, lse = (t.detach() for t in torch.ops.dinotron.attention(*args))
+    grad_args = (torch.randn_like(out), *(t.detach() for t in (q, k, v)), out, lse, *args[3:])
+    torch.library.opcheck(torch.ops.dinotron.attention_backward.default, grad_args)
+    assert bool(launches["_attn_fwd"]) == bool(launches["_attn_bwd"]) == (backend == "triton")
 
 
 # --- compiled kernels --------------------------------------------------------------------------------
@@ -407,3 +562,47 @@ def test_gpu_swapped_timm_vit_matches_timm():
         swap_timm_attention(model)
         actual = forward_and_grads(model, x)
     assert_model_close(actual, expected, torch.bfloat16, n_tokens=4 * (7 * 7 + 1 + 4))
+
+
+def cloned_value_and_grads(fn, inputs, grad_out):
+    """value_and_grads, copied out: CUDA graph replays overwrite their outputs."""
+    out, grads, _ = value_and_grads(fn, inputs, grad_out)
+    return [t.clone() for t in (out, *grads)]
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_match_eager(fresh_dynamo, launches):
+    """torch.compile(mode="reduce-overhead") captures the ops in CUDA graphs, forward and backward, with
+    no cudagraph skip. The ops' replays equal eager exactly (the same kernels on the same inputs, with the
+    autotuner's choice cached by the eager run); a swapped timm Attention, dense and packed, within TOL
+    (inductor fuses the bf16 layers around the op differently). Eager runs read nothing on the host:
+    torch.cuda's sync debug mode turns any synchronising call into an error."""
+    torch._dynamo.utils.counters.clear()
+    lengths = [257] * 2 + [50] * 3 + [0, 1]
+    cu_seqlens, max_seqlen = make_cu_seqlens(lengths)
+    cu_seqlens = cu_seqlens.cuda()
+    attn = swap_timm_attention(small_vit(qk_norm=True).blocks[0].attn.cuda())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    cases = [  # (fn, inputs, context, exact)
+        (attention, qkv_inputs((2, 6, 257, 64), torch.bfloat16, "cuda"), contextlib.nullcontext(), True),
+        (lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, max_seqlen),
+         qkv_inputs((sum(lengths), 6, 64), torch.bfloat16, "cuda"), contextlib.nullcontext(), True),
+        (attn, [torch.randn(2, 257, 128, device="cuda").requires_grad_()], autocast, False),
+        (attn, [torch.randn(1, sum(lengths), 128, device="cuda").requires_grad_()], autocast, False),
+    ]
+    for i, (fn, inputs, context, exact) in enumerate(cases):
+        packing = packed_sequences(cu_seqlens, max_seqlen) if i == 3 else contextlib.nullcontext()
+        with context, packing:
+            _, _, grad_out = value_and_grads(fn, inputs)  # autotunes forward and backward (which syncs)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                expected = cloned_value_and_grads(fn, inputs, grad_out)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+            for _ in range(3):  # warm-up, recording, replay
+                torch.compiler.cudagraph_mark_step_begin()
+                actual = cloned_value_and_grads(compiled, inputs, grad_out)
+        assert_all_close(actual, expected, **(dict(rtol=0, atol=0) if exact else TOL[torch.bfloat16]))
+    assert launches["_attn_fwd"] and launches["_attn_bwd"]  # the eager runs took the kernels
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0

@@ -8,7 +8,9 @@ both backends (Triton in the interpreter); the model on the eager one, as the tr
 the same ops, and the interpreter would make the spawn several times slower.
 
 Oracles: the reference ops (kernels/reference.py) in one process on the union of the ranks' rows; the
-definitions on an empty batch (no row anywhere: the centre stays, results are (0, K)).
+definitions on an empty batch (no row anywhere: the centre stays, results are (0, K)). Which backend ran
+is recorded on each rank (helpers.spy_launches): the Triton kernels on the rank with rows, no kernel on
+a rank without rows (an empty grid is an error on a GPU) nor on the eager backend.
 Tolerances: eager is compared exactly: a rank with no row adds 0 to the column sums and the row count,
 and exp(-inf) = 0 to Sinkhorn's all-reduced log-sum-exps (m + log(exp(lse - m) + 0) = lse for m = lse),
 so the one other rank's arithmetic is the single process's. Triton: the kernels' fp32 tolerance of
@@ -23,9 +25,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dinotron import kernels
+from dinotron.kernels import cross_entropy, sinkhorn_knopp, softmax_center
 from dinotron.kernels import reference as ref
 from dinotron.train.model import DinoV2
-from helpers import tiny_config
+from helpers import spy_launches, tiny_config
 
 K, TEMP, MOMENTUM, ITERATIONS = 48, 0.1, 0.8, 3
 FP32 = dict(rtol=1e-4, atol=1e-6)  # the kernels against the reference: tests/test_losses.py
@@ -33,6 +36,9 @@ BACKENDS = ("eager", "triton")
 CENTERINGS = ("softmax", "sinkhorn_knopp")
 # iBOT masks per model step, as (rank 0, rank 1): some masked patches, or none
 MODEL_STEPS = (("some", "none"), ("none", "none"), ("none", "some"))
+KERNELS = {"_ce_fwd_kernel": cross_entropy, "_ce_combine_kernel": cross_entropy, "_ce_bwd_kernel": cross_entropy,
+           "_row_lse_kernel": softmax_center, "_center_ema_kernel": softmax_center,
+           "_col_lse_kernel": sinkhorn_knopp}
 
 
 def _teacher_ops(rows: torch.Tensor, center: torch.Tensor, backend: str) -> dict:
@@ -79,35 +85,47 @@ def _model_steps(rank: int, centering: str) -> dict:
     return out
 
 
+def _backend_cases(rank: int, backend: str, logits: torch.Tensor, center: torch.Tensor) -> dict:
+    """The ops of one backend on this rank, every rank making the same calls in one order."""
+    out = {}
+    # (a) rank 0 has rows, rank 1 none; then both none; (V, B, K) views likewise
+    out[backend, "one"] = _teacher_ops(logits if rank == 0 else logits[:0], center, backend)
+    out[backend, "both"] = _teacher_ops(logits[:0], center, backend)
+    views = logits[:4].view(2, 2, K)
+    out[backend, "views"] = _teacher_ops(views if rank == 0 else views[:, :0], center, backend)
+    # a NaN on the rank with rows: with check_finite=True both ranks raise (the rank without rows has
+    # nothing of its own to check); by default neither does, and the rank with rows gets NaN targets
+    bad = logits.clone()
+    bad[1, 2] = float("nan")
+    rows = bad if rank == 0 else bad[:0]
+    out[backend, "nan"] = _error(lambda: kernels.sinkhorn_knopp_teacher(rows, TEMP, backend=backend,
+                                                                        check_finite=True))
+    out[backend, "nan_default"] = kernels.sinkhorn_knopp_teacher(rows, TEMP, backend=backend)
+    # iBOT loss without masked patch on rank 1: 0, and backward works
+    masks = torch.zeros(3, 4, dtype=torch.bool)
+    masks[0, 1] = rank == 0
+    student = torch.randn(int(masks.sum()), K, requires_grad=True)
+    loss = kernels.ibot_patch_loss(student, torch.softmax(torch.randn(student.shape), -1), masks, backend=backend)
+    loss.backward()
+    out[backend, "ibot"] = (loss.detach(), student.grad)
+    # KoLeo's group search with 0 rows on one rank, then on both: every rank raises, none waits
+    out[backend, "koleo"] = [
+        _error(lambda n=n: kernels.koleo_loss(torch.randn(n, 8), group=dist.group.WORLD, backend=backend))
+        for n in ((3 if rank == 0 else 0), 0)
+    ]
+    return out
+
+
 def _worker(rank, init_file, logits, center, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     try:
         out = {}
         for backend in BACKENDS:
-            # (a) rank 0 has rows, rank 1 none; then both none; (V, B, K) views likewise
-            out[backend, "one"] = _teacher_ops(logits if rank == 0 else logits[:0], center, backend)
-            out[backend, "both"] = _teacher_ops(logits[:0], center, backend)
-            views = logits[:4].view(2, 2, K)
-            out[backend, "views"] = _teacher_ops(views if rank == 0 else views[:, :0], center, backend)
-            # a NaN on the rank with rows: both ranks raise (the rank without rows has nothing of its own to check)
-            bad = logits.clone()
-            bad[1, 2] = float("nan")
-            out[backend, "nan"] = _error(lambda b=backend, x=bad: kernels.sinkhorn_knopp_teacher(
-                x if rank == 0 else x[:0], TEMP, backend=b))
-            # iBOT loss without masked patch on rank 1: 0, and backward works
-            masks = torch.zeros(3, 4, dtype=torch.bool)
-            masks[0, 1] = rank == 0
-            student = torch.randn(int(masks.sum()), K, requires_grad=True)
-            loss = kernels.ibot_patch_loss(student, torch.softmax(torch.randn(student.shape), -1), masks,
-                                           backend=backend)
-            loss.backward()
-            out[backend, "ibot"] = (loss.detach(), student.grad)
-            # KoLeo's group search with 0 rows on one rank, then on both: every rank raises, none waits
-            out[backend, "koleo"] = [
-                _error(lambda b=backend, n=n: kernels.koleo_loss(torch.randn(n, 8), group=dist.group.WORLD, backend=b))
-                for n in ((3 if rank == 0 else 0), 0)
-            ]
+            with pytest.MonkeyPatch.context() as patch:
+                launches = {name: spy_launches(patch, module, name) for name, module in KERNELS.items()}
+                out.update(_backend_cases(rank, backend, logits, center))
+                out[backend, "kernels"] = {name for name, calls in launches.items() if calls}
         # (b) the trainer's model
         os.environ["DINOTRON_BACKEND"] = "eager"
         for centering in CENTERINGS:
@@ -170,10 +188,24 @@ def test_teacher_ops_with_both_ranks_empty_keep_the_centre(ranks, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_raises_on_every_rank(ranks, backend):
-    """Sinkhorn's finite check is all-reduced: the rank without rows raises with the one holding the NaN."""
+    """Sinkhorn's finite check (check_finite=True) is all-reduced: the rank without rows raises with the one
+    holding the NaN. By default (no check, no host sync) no rank raises: NaN in, NaN out."""
     for r in ranks[2]:
         assert "sinkhorn_knopp_teacher is not finite" in r[backend, "nan"]
         assert "on at least one rank" in r[backend, "nan"]
+    r0, r1 = ranks[2]
+    assert r0[backend, "nan_default"].shape == (5, K) and torch.isnan(r0[backend, "nan_default"]).any()
+    assert r1[backend, "nan_default"].shape == (0, K)
+
+
+def test_kernels_ran_on_the_triton_backend_only(ranks):
+    """Rank 0 (with rows) ran the Triton kernels on the Triton backend (the centre's EMA excepted: with
+    torch.distributed it runs in the reference's all-reduced form); rank 1, whose calls all had zero rows,
+    launched none; the eager backend none anywhere."""
+    r0, r1 = ranks[2]
+    assert r0["triton", "kernels"] == set(KERNELS) - {"_center_ema_kernel"}
+    assert r1["triton", "kernels"] == set()
+    assert r0["eager", "kernels"] == r1["eager", "kernels"] == set()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,19 +1,31 @@
-"""The KoLeo kernel (Triton interpreter on CPU, compiled on GPU) against the eager reference.
+"""The KoLeo op (Triton interpreter on CPU, compiled on GPU; the eager reference through the same op)
+against the eager reference, lightly and dinov2.
 
 Oracles: kernels/reference.py's koleo_loss (fp32 eager; checked against a brute-force loop and
-lightly's formula in test_reference.py), lightly 1.6.0's KoLeoLoss.forward, and hand-computed values.
+lightly's formula in test_reference.py), lightly 1.6.0's KoLeoLoss module itself, dinov2's
+KoLeoLoss.forward transcribed (dinov2_koleo), and hand-computed values.
 The interpreter runs the GPU's tile sizes (BLOCK_M/N/K do not depend on it) on one SM; the split
 tests set the SM count (and the split size) to reach several key splits per query block.
-Tolerances (FP32_TOL, grad_tolerance):
+Every comparison through the Triton backend checks that its launchers ran (spy_triton), so the
+eager fallback cannot pass in its place.
+Tolerances (FP32_TOL, loss_tolerance, grad_tolerance):
 - losses: both sides in fp32, only summation orders differ: rtol 1e-5 (~80 fp32 ulps; measured
-  3e-7), atol 1e-6.
+  3e-7), atol 1e-6. A bf16 / fp16 loss is that fp32 value rounded once to the dtype on each side,
+  so up to one ulp apart: rtol = the dtype's eps (2^-7 bf16, 2^-10 fp16).
 - fp32 gradients: rtol 1e-5, atol 1e-6 x the largest reference gradient (an entry is a sum of terms
   that large; measured at most 2.2e-7 x the largest beyond the rtol part).
 - bf16 / fp16 gradients: computed in fp32 and rounded once on each side, so up to one ulp apart:
   rtol 1e-2 (a bf16 ulp is 2^-7 = 7.8e-3 relative), plus the fp32 atol and one subnormal step of
   the dtype (fp16: 6e-8, reached by gradients of ~1e-4 x small features).
+- against lightly in bf16 / fp16 (LIGHTLY_HALF_RTOL): lightly rounds every step to the dtype (the
+  normalised rows, the similarities, the distances, the log), we round once at the end: measured
+  at most 6.2e-3 relative over 30 seeds, one bf16 ulp; rtol 2^-6 = 1.6e-2, two bf16 ulps.
+- float64 against lightly: both sides compute in float64 with the same ops: torch's float64
+  defaults of assert_close (rtol 1e-7, atol 1e-7).
 - thresholds of single tests say their origin beside them.
 """
+import contextlib
+import inspect
 import math
 
 import pytest
@@ -21,13 +33,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from lightly.loss import KoLeoLoss as LightlyKoLeoLoss
 
 from dinotron.kernels import KoLeoLoss, koleo, koleo_loss
 from dinotron.kernels import reference as ref
 from helpers import spy_launches
 from lowering import assert_lowers
 
-FP32_TOL = dict(rtol=1e-5, atol=1e-6)  # losses (module docstring)
+FP32_TOL = dict(rtol=1e-5, atol=1e-6)  # fp32 losses (module docstring)
+LIGHTLY_HALF_RTOL = 2**-6  # bf16 / fp16 losses against lightly's (module docstring)
+TRITON_RAN = ["_triton_forward", "_triton_backward"]  # spy_triton's record of one forward and backward
+
+
+def loss_tolerance(dtype):
+    """Tolerance of a loss in `dtype` against the reference's (module docstring)."""
+    return FP32_TOL if dtype in (torch.float32, torch.float64) else dict(rtol=torch.finfo(dtype).eps, atol=1e-6)
 
 
 def grad_tolerance(dtype, ref_grad):
@@ -46,15 +66,38 @@ def loss_and_grad(fn, x):
     return loss.detach(), x.grad
 
 
+@contextlib.contextmanager
+def spy_triton():
+    """The names of koleo's Triton launchers called in the block (_triton_forward, _triton_backward), in
+    order: the Triton backend ran, not the eager reference. Nests inside spy_launches of the kernels."""
+    ran = []
+
+    def spy(name):
+        launcher = getattr(koleo, name)
+
+        def launch(*args):
+            ran.append(name)
+            return launcher(*args)
+
+        return launch
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in TRITON_RAN:
+            patch.setattr(koleo, name, spy(name))
+        yield ran
+
+
 def assert_matches_reference(x, grad_tol=None, **kwargs):
     """Loss and gradient of the Triton backend equal the eager reference's (same neighbours);
     grad_tol defaults to grad_tolerance."""
-    loss, grad = loss_and_grad(lambda t: koleo_loss(t, backend="triton", **kwargs), x)
-    ref_kwargs = {k: v for k, v in kwargs.items() if k in ("eps", "p")}
+    with spy_triton() as ran:
+        loss, grad = loss_and_grad(lambda t: koleo_loss(t, backend="triton", **kwargs), x)
+    assert ran == TRITON_RAN
+    ref_kwargs = {k: v for k, v in kwargs.items() if k in ("eps", "p", "distance_eps")}
     ref_loss, ref_grad = loss_and_grad(lambda t: ref.koleo_loss(t, **ref_kwargs), x)
-    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert loss.dtype == x.dtype and loss.shape == ()
     assert grad.dtype == x.dtype and grad.shape == x.shape
-    torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
+    torch.testing.assert_close(loss, ref_loss, **loss_tolerance(x.dtype))
     torch.testing.assert_close(grad.float(), ref_grad.float(), **(grad_tol or grad_tolerance(x.dtype, ref_grad)))
 
 
@@ -67,7 +110,7 @@ def test_fp32_matches_reference(B, D):
 
 @pytest.mark.parametrize("B,D,dtype", [(3, 1024, torch.bfloat16), (128, 384, torch.bfloat16), (50, 64, torch.float16)])
 def test_half_precision_matches_reference(B, D, dtype):
-    # the reference upcasts to fp32 first; only the gradient's final rounding to dtype differs
+    # the reference upcasts to fp32 first; only the final roundings of the loss and gradient differ
     assert_matches_reference(torch.randn(B, D).to(dtype))
 
 
@@ -159,12 +202,13 @@ def test_other_norm_degrees_match_reference(p):
     assert_matches_reference(torch.randn(40, 50), p=p)
 
 
-def test_eps_is_forwarded():
+@pytest.mark.parametrize("distance_eps", [None, 1e-3])
+def test_eps_is_forwarded(distance_eps):
     x = torch.randn(20, 16)
-    x[7] = x[2]
+    x[7] = x[2]  # a duplicated pair: its distance is ||distance_eps * 1||, so the loss depends on it
     # the duplicates push each other with gradients ~ 1 / (B (d + eps)) ~ 100 that cancel; the fp32
     # residue of that cancellation (measured 5e-7) needs an absolute atol, 1e-6
-    assert_matches_reference(x, grad_tol=dict(rtol=1e-5, atol=1e-6), eps=1e-4)
+    assert_matches_reference(x, grad_tol=dict(rtol=1e-5, atol=1e-6), eps=1e-4, distance_eps=distance_eps)
 
 
 def test_non_contiguous_input_and_grad_out_scaling():
@@ -179,25 +223,13 @@ def test_non_contiguous_input_and_grad_out_scaling():
     torch.testing.assert_close(g3, 3.0 * x.grad, **grad_tolerance(torch.float32, x.grad))
 
 
-def test_module_has_lightlys_signature_and_math():
-    x = torch.randn(32, 16)
-    # lightly 1.6.0's KoLeoLoss.forward, literally
-    xn = F.normalize(x, p=2, dim=-1, eps=1e-8)
-    cos_sim = torch.mm(xn, xn.t())
-    cos_sim.fill_diagonal_(-2)
-    nn_dist = torch.nn.PairwiseDistance(p=3, eps=1e-8)(xn, xn[cos_sim.argmax(dim=1)])
-    lightly = -(nn_dist + 1e-8).log().mean()
-    for backend in ("triton", "eager"):
-        module = KoLeoLoss(3, 1e-8, backend=backend)
-        torch.testing.assert_close(module(x), lightly, **FP32_TOL)
-    assert repr(KoLeoLoss()) == "KoLeoLoss(p=2, eps=1e-08)"
-
-
 def test_dispatch_on_cpu_is_the_reference(monkeypatch):
     monkeypatch.delenv("DINOTRON_BACKEND", raising=False)
     x = torch.randn(10, 8)
-    assert koleo_loss(x).item() == ref.koleo_loss(x).item()
-    assert koleo_loss(x, backend="eager").item() == ref.koleo_loss(x).item()
+    with spy_triton() as ran:
+        assert koleo_loss(x).item() == ref.koleo_loss(x).item()
+        assert koleo_loss(x, backend="eager").item() == ref.koleo_loss(x).item()
+    assert ran == []
 
 
 def test_reference_ignores_autocast():
@@ -209,6 +241,137 @@ def test_reference_ignores_autocast():
     torch.testing.assert_close(inside, ref.koleo_loss(x))
 
 
+# ---- drop-in for lightly's and dinov2's KoLeoLoss ------------------------------------------------
+
+def dinov2_koleo(student_output, eps=1e-8):
+    """dinov2's KoLeoLoss.forward (dinov2/loss/koleo_loss.py), transcribed (autocast off on CPU here)."""
+    with torch.autocast("cpu", enabled=False):
+        student_output = F.normalize(student_output, eps=eps, p=2, dim=-1)
+        dots = torch.mm(student_output, student_output.t())
+        n = student_output.shape[0]
+        dots.view(-1)[:: (n + 1)].fill_(-1)
+        _, I = torch.max(dots, dim=1)  # noqa: E741
+        distances = torch.nn.PairwiseDistance(2, eps=1e-8)(student_output, student_output[I])
+        return -torch.log(distances + eps).mean()
+
+
+def test_module_has_lightlys_signature():
+    ours, theirs = (inspect.signature(cls.__init__).parameters for cls in (KoLeoLoss, LightlyKoLeoLoss))
+    assert [(p.name, p.default, p.kind) for p in theirs.values()] == [
+        (p.name, p.default, p.kind) for p in ours.values() if p.kind != p.KEYWORD_ONLY
+    ]
+    assert list(inspect.signature(KoLeoLoss.forward).parameters) == ["self", "x", "eps"]  # dinov2's optional eps
+    assert repr(KoLeoLoss()) == "KoLeoLoss(p=2, eps=1e-08)"
+
+
+def _antipodal():
+    """x and -x: lightly fills the diagonal with -2, so each row's neighbour is the other (dinov2's -1
+    would tie with it and pick the row itself: the one input where the two differ)."""
+    v = torch.randn(1, 16)
+    return torch.cat([v, -v])
+
+
+# (input, KoLeoLoss arguments, gradient atol if not grad_tolerance's): lightly's behaviour on one row, on
+# the extreme pair and at other degrees
+LIGHTLY_CASES = [
+    pytest.param(lambda: torch.tensor([[1.0]]), {}, None, id="one-row-17.7275"),
+    pytest.param(lambda: torch.randn(1, 5), {"p": 3}, None, id="one-row-p3"),
+    # a gradient of 0 (each row is pushed along itself, which the normalisation removes): the fp32 residue
+    # of terms ~ 1 / (B d ||x||) ~ 0.06 (measured 3.7e-9): atol 1e-7
+    pytest.param(_antipodal, {}, 1e-7, id="antipodal"),
+    pytest.param(lambda: torch.randn(24, 16), {}, None, id="default"),
+    pytest.param(lambda: torch.randn(24, 16), {"p": 1, "eps": 1e-6}, None, id="p1"),
+    pytest.param(lambda: torch.randn(24, 16), {"p": 3.5}, None, id="p3.5"),
+]
+
+
+def lightly_and_ours(x, backend, **module_kwargs):
+    """(loss, grad) of lightly's KoLeoLoss(**module_kwargs) and of ours on x, and the Triton launchers that ran."""
+    expected = loss_and_grad(LightlyKoLeoLoss(**module_kwargs), x)
+    with spy_triton() as ran:
+        got = loss_and_grad(KoLeoLoss(**module_kwargs, backend=backend), x)
+    return expected, got, ran
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("make_x,module_kwargs,grad_atol", LIGHTLY_CASES)
+def test_lightly_cases(backend, make_x, module_kwargs, grad_atol):
+    x = make_x()
+    (expected, expected_grad), (loss, grad), ran = lightly_and_ours(x, backend, **module_kwargs)
+    assert ran == (TRITON_RAN if backend == "triton" else [])
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, **FP32_TOL)
+    tol = grad_tolerance(torch.float32, expected_grad) if grad_atol is None else dict(rtol=1e-5, atol=grad_atol)
+    torch.testing.assert_close(grad, expected_grad, **tol)
+
+
+def test_one_row_is_its_own_neighbour():
+    # -log(||1e-8 * 1||_2 + 1e-8) = -log(2e-8) = 17.7275: an fp32 result from a few fp32 ops, rel 1e-6
+    # (~9 fp32 ulps at 17.7), as in test_duplicate_pair_value_is_minus_log_eps_distance
+    for backend in ("triton", "eager"):
+        assert koleo_loss(torch.tensor([[1.0]]), backend=backend).item() == pytest.approx(-math.log(2e-8), rel=1e-6)
+
+
+@pytest.mark.parametrize("p", [math.inf, 0.5, 0, -1])
+def test_norm_degrees_without_kernel_run_eager(p):
+    """Degrees the kernels leave out go to the eager reference even with backend="triton"."""
+    (expected, expected_grad), (loss, grad), ran = lightly_and_ours(torch.randn(24, 16), "triton", p=p)
+    assert ran == []
+    torch.testing.assert_close(loss, expected, **FP32_TOL)
+    if p == 0:  # ||u||_0 counts the non-zero entries: torch gives it no gradient, x.grad stays None
+        assert expected_grad is None and grad is None
+    else:
+        torch.testing.assert_close(grad, expected_grad, **grad_tolerance(torch.float32, expected_grad))
+
+
+def test_float64_is_computed_in_float64():
+    # resolve_backend sends float64 to the eager reference, which computes in float64 as lightly
+    (expected, expected_grad), (loss, grad), ran = lightly_and_ours(torch.randn(24, 16, dtype=torch.float64), None)
+    assert ran == [] and loss.dtype == grad.dtype == torch.float64
+    torch.testing.assert_close(loss, expected)  # float64 defaults (module docstring)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_dtype_out_as_lightly(backend, dtype):
+    x = _pairs(24, 32, "cpu").to(dtype)  # clear neighbours: lightly's rounded similarities pick the same
+    (expected, _), (loss, grad), ran = lightly_and_ours(x, backend)
+    assert ran == (TRITON_RAN if backend == "triton" else [])
+    assert expected.dtype == loss.dtype == grad.dtype == dtype
+    torch.testing.assert_close(loss, expected, rtol=LIGHTLY_HALF_RTOL, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_input_gives_nan_as_lightly(backend, value):
+    x = _with_entry(value)
+    assert LightlyKoLeoLoss()(x).isnan()
+    with spy_triton() as ran:
+        assert KoLeoLoss(backend=backend)(x).isnan() and koleo_loss(x, backend=backend).isnan()
+    assert ran == (["_triton_forward"] * 2 if backend == "triton" else [])
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_dinov2_forward_eps(backend):
+    """dinov2's forward(x, eps) changes F.normalize's and the log's eps, not nn.PairwiseDistance's 1e-8."""
+    x = torch.randn(24, 16)
+    x[5] = x[9]  # a duplicated pair: its distance is PairwiseDistance's eps * 4
+    module = KoLeoLoss(backend=backend)
+    with spy_triton() as ran:
+        loss, grad = loss_and_grad(lambda t: module(t, 1e-3), x)
+    assert ran == (TRITON_RAN if backend == "triton" else [])
+    expected, expected_grad = loss_and_grad(lambda t: dinov2_koleo(t, 1e-3), x)
+    torch.testing.assert_close(loss, expected, **FP32_TOL)
+    # the duplicates' opposite pushes of ~1 / (B (d + eps)) ~ 0.04 cancel to an fp32 residue: atol 1e-6
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    # lightly's eps=1e-3 is PairwiseDistance's too: the pair's -log(d + eps) drops by ~log 5, the mean by
+    # 2 / 24 of that, 0.13 (a must-differ check, not a tolerance)
+    assert abs(LightlyKoLeoLoss(eps=1e-3)(x) - loss) > 0.1
+    torch.testing.assert_close(module(x), dinov2_koleo(x), **FP32_TOL)  # forward(x) is dinov2's default
+
+
 def _with_entry(value, dtype=torch.float32):
     """(4, 8) random rows with x[2, 5] = value."""
     x = torch.randn(4, 8, dtype=dtype)
@@ -216,21 +379,20 @@ def _with_entry(value, dtype=torch.float32):
     return x
 
 
-P_MESSAGE = "p .* must be a finite number >= 1"
+P_MESSAGE = "p .* must be a number"
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 @pytest.mark.parametrize("x,kwargs,match", [
-    pytest.param(torch.randn(1, 8), {}, "at least 2 rows", id="one-row"),
+    pytest.param(torch.randn(0, 8), {}, "empty along dim 0", id="no-rows"),
     pytest.param(torch.randn(2, 3, 8), {}, "x must be 2-D", id="3-d"),
     pytest.param(torch.ones(4, 8, dtype=torch.int32), {}, "x must be float", id="int"),
     pytest.param(torch.randn(4, 0), {}, "empty along dim 1", id="no-features"),
-    pytest.param(_with_entry(math.nan), {}, "non-finite", id="nan"),
-    pytest.param(_with_entry(math.inf), {}, "non-finite", id="inf"),
-    pytest.param(_with_entry(-math.inf, torch.bfloat16), {}, "non-finite", id="bf16-minus-inf"),
+    pytest.param(_with_entry(math.nan), {"check_finite": True}, "non-finite", id="nan"),
+    pytest.param(_with_entry(math.inf), {"check_finite": True}, "non-finite", id="inf"),
+    pytest.param(_with_entry(-math.inf, torch.bfloat16), {"check_finite": True}, "non-finite", id="bf16-minus-inf"),
     pytest.param(torch.randn(4, 8), {"eps": 0.0}, "eps must be > 0", id="eps-0"),
-    pytest.param(torch.randn(4, 8), {"p": 0.5}, P_MESSAGE, id="p-below-1"),
-    pytest.param(torch.randn(4, 8), {"p": math.inf}, P_MESSAGE, id="p-inf"),
+    pytest.param(torch.randn(4, 8), {"distance_eps": -1.0}, "distance_eps must be > 0", id="distance-eps-negative"),
     pytest.param(torch.randn(4, 8), {"p": True}, P_MESSAGE, id="p-bool"),
     pytest.param(torch.randn(4, 8), {"p": "2"}, P_MESSAGE, id="p-str"),
     pytest.param(torch.randn(4, 8), {"group": object()}, "torch.distributed is not initialised", id="group-no-dist"),
@@ -238,6 +400,14 @@ P_MESSAGE = "p .* must be a finite number >= 1"
 def test_bad_input(backend, x, kwargs, match):
     with pytest.raises(ValueError, match=match):
         koleo_loss(x, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_module_check_finite(backend):
+    x = _with_entry(math.nan)
+    with pytest.raises(ValueError, match=r"x holds non-finite values \(NaN or inf\) \(shape \(4, 8\)\)"):
+        KoLeoLoss(backend=backend, check_finite=True)(x)
+    assert KoLeoLoss(backend=backend)(x).isnan()  # off by default, as lightly: no host sync
 
 
 # ---- group: neighbours among every rank's rows ---------------------------------------------------
@@ -281,6 +451,56 @@ def test_group_equals_one_process_holding_every_row(tmp_path):
         assert "one shape (B, D), got [(3, 24), (4, 24)]" in results[r]["mismatch"]
 
 
+# ---- one torch.library op: torch.compile and opcheck ---------------------------------------------
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code and guards of other tests neither help nor hide a graph break here."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_dynamo_sees_one_op_without_graph_breaks(backend, fresh_dynamo):
+    x = torch.randn(12, 8)
+    for fn in (lambda t: koleo_loss(t, backend=backend), KoLeoLoss(backend=backend)):
+        torch._dynamo.reset()
+        with spy_triton() as ran:
+            explained = torch._dynamo.explain(fn)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        targets = [node.target for node in explained.graphs[0].graph.nodes if node.op == "call_function"]
+        assert targets.count(torch.ops.dinotron.koleo.default) == 1
+        assert ran == (["_triton_forward"] if backend == "triton" else [])
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_compiled_fullgraph_matches_eager(backend, fresh_dynamo):
+    x = torch.randn(12, 8)
+    x[3] = x[7]  # a duplicated pair: large opposite gradients that must still cancel
+    expected, expected_grad = loss_and_grad(lambda t: koleo_loss(t, backend=backend, p=3), x)
+    compiled = torch.compile(lambda t: koleo_loss(t, backend=backend, p=3), backend="aot_eager", fullgraph=True)
+    with spy_triton() as ran:
+        loss, grad = loss_and_grad(compiled, x)
+    assert ran == (TRITON_RAN if backend == "triton" else [])
+    torch.testing.assert_close(loss, expected, **FP32_TOL)
+    torch.testing.assert_close(grad, expected_grad, **grad_tolerance(torch.float32, expected_grad))
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_opcheck(backend):
+    """torch.library.opcheck of the ops (schema, fake impl, autograd registration, AOT dispatch), with the
+    queries at an offset among the keys as with a group; the eager backward is autograd's, no op."""
+    keys = torch.randn(10, 8)
+    args = (4, 5, 1e-8, 1e-6, 3.0)  # offset, B, eps, distance_eps, p
+    torch.library.opcheck(torch.ops.dinotron.koleo.default, (keys.clone().requires_grad_(), *args, backend))
+    if backend == "triton":
+        _, nn_idx, norms = torch.ops.dinotron.koleo(keys, *args, backend)
+        offset, _, *floats = args
+        torch.library.opcheck(torch.ops.dinotron.koleo_backward.default,
+                              (torch.tensor(1.0), keys, nn_idx, norms, offset, *floats))
+
+
 # ---- compiled kernels ----------------------------------------------------------------------------
 
 # The search with one split and with several (fp32 through tf32 / tf32x3, bf16), the finishing kernel,
@@ -294,14 +514,14 @@ for dtype, merge, precision, p_is_2 in [
     ("fp32", False, tf32, True), ("fp32", True, tf32x3, True), ("bf16", True, None, False)
 ]:
     lower(koleo._koleo_search_kernel, dict(K=f"*{dtype}", BEST="*i64" if merge else None, NN="*i32", **rows,
-          B="i32", N="i32", D="i32", offset="i32", stride="i32", keys_per_split="i32", eps="fp32", p="fp32",
-          BLOCK_M=64, BLOCK_N=koleo._BLOCK_N, BLOCK_K=64, MERGE=merge, P_IS_2=p_is_2, PRECISION=precision,
-          UPCAST=False), num_warps=4)
+          B="i32", N="i32", D="i32", offset="i32", stride="i32", keys_per_split="i32", eps="fp32", dist_eps="fp32",
+          p="fp32", BLOCK_M=64, BLOCK_N=koleo._BLOCK_N, BLOCK_K=64, MERGE=merge, P_IS_2=p_is_2,
+          PRECISION=precision, UPCAST=False), num_warps=4)
 lower(koleo._koleo_finish_kernel, dict(K="*bf16", BEST="*i64", NN="*i32", **rows, B="i32", D="i32", offset="i32",
-      stride="i32", eps="fp32", p="fp32", BLOCK_M=64, BLOCK_K=64, P_IS_2=True), num_warps=4)
-lower(koleo._koleo_bwd_kernel, dict(K="*bf16", NN="*i32", NORM_Q="*fp32", NORM_NN="*fp32", GRAD_LOSS="*fp32",
-      DK="*fp32", B="i32", D="i32", offset="i32", stride="i32", stride_dk="i32", eps="fp32", p="fp32",
-      inv_B="fp32", BLOCK_M=koleo._BLOCK_M_BWD, BLOCK_K=64, P_IS_2=False), num_warps=4)
+      stride="i32", eps="fp32", dist_eps="fp32", p="fp32", BLOCK_M=64, BLOCK_K=64, P_IS_2=True), num_warps=4)
+lower(koleo._koleo_bwd_kernel, dict(K="*bf16", NN="*i32", NORM_Q="*fp32", NORM_NN="*fp32", GRAD_LOSS="*bf16",
+      DK="*fp32", B="i32", D="i32", offset="i32", stride="i32", stride_dk="i32", eps="fp32", dist_eps="fp32",
+      p="fp32", inv_B="fp32", BLOCK_M=koleo._BLOCK_M_BWD, BLOCK_K=64, P_IS_2=False), num_warps=4)
 """
 
 
@@ -345,3 +565,27 @@ def test_gpu_memory_is_linear_in_batch():
     extra = torch.cuda.max_memory_allocated() - before
     # the gradient (B x D fp32) plus (B,) vectors; a B x B fp32 matrix would be 256 MiB
     assert extra < 3 * B * D * 4, f"{extra / 2**20:.1f} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_match_eager(fresh_dynamo):
+    """torch.compile(mode="reduce-overhead"): forward and backward captured in CUDA graphs (none skipped,
+    so nothing syncs with the host), replays give the eager values."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    x = _pairs(256, 384, "cuda")
+    expected, expected_grad = loss_and_grad(koleo_loss, x)
+    compiled = torch.compile(koleo_loss, mode="reduce-overhead", fullgraph=True)
+    runs = []
+    for _ in range(4):  # warm-up, recording, replays
+        torch.compiler.cudagraph_mark_step_begin()
+        with spy_triton() as ran:
+            loss, grad = loss_and_grad(compiled, x)
+        runs.append(ran)
+        # compared before the next replay overwrites the graphs' outputs
+        torch.testing.assert_close(loss, expected, **FP32_TOL)
+        torch.testing.assert_close(grad, expected_grad, **grad_tolerance(torch.float32, expected_grad))
+    # the Triton launchers run in the warm-up (and the recording), a replay of the captured graphs runs no Python
+    assert runs[0] == TRITON_RAN and runs[-1] == [], runs
+    assert counters["inductor"]["cudagraph_skips"] == 0

@@ -26,7 +26,7 @@ from dinotron.train import checkpoint as ckpt
 from dinotron.train import cli, loop
 from dinotron.train.config import load_config
 from dinotron.train.knn import extract_features
-from helpers import TINY, join_trainer_ranks
+from helpers import TINY, join_trainer_ranks, leave_ranks
 
 STEPS = 5
 GLOBAL_BATCH = 4
@@ -105,11 +105,12 @@ def _worker(rank, world, tmp, job, results):
         if rank == 0:
             metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             results[name] = {"loss": [m["loss"] for m in metrics], "step": trainer.step, "weights": weights}
-        if dist.is_initialized():
-            dist.barrier()  # no rank closes its gloo connections while another still uses them (SIGABRT)
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        leave_ranks()
 
 
 def _run(tmp, world, *job):
@@ -210,9 +211,10 @@ def _knn_worker(rank, tmp, results):
                    for _ in range(2 - rank)]  # rank 0 holds 2 batches, rank 1 one
         feats, labels = extract_features(trainer.model.teacher.backbone, batches, trainer.device, image_size=32)
         results[rank] = (tuple(feats.shape), labels.tolist())
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_ranks()
 
 
 def test_knn_features_under_fsdp2_with_uneven_batches(tmp_path):

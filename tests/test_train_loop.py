@@ -1,5 +1,11 @@
-"""The training loop on a deterministic in-memory loader: exact resume, SIGTERM save, NaN stop, logging."""
+"""The training loop on a deterministic in-memory loader: exact resume, SIGTERM save, NaN stop, logging.
+
+The trainer reads a step's metrics once the next step is queued (and before any checkpoint): a NaN stops it one
+step late, naming its step; a stop signal rides in the next step's all_reduce, so the ranks stop together two steps
+after it. The GPU test checks with torch.cuda's sync debug mode that a step queues without a host sync.
+"""
 import json
+import math
 import os
 import signal
 
@@ -63,8 +69,8 @@ def test_exact_resume(tmp_path, memory_loader):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "a")] == ["checkpoint-00000003", "checkpoint-00000006"]
 
 
-def test_sigterm_finishes_the_step_saves_and_stops(tmp_path, memory_loader, monkeypatch):
-    trainer = loop.Trainer(config(tmp_path))
+def test_sigterm_stops_two_steps_later_and_saves(tmp_path, memory_loader, monkeypatch):
+    trainer = loop.Trainer(config(tmp_path, "train.checkpoint_every=100"))
     real_step = trainer.train_step
 
     def step_then_sigterm(batch):
@@ -75,8 +81,10 @@ def test_sigterm_finishes_the_step_saves_and_stops(tmp_path, memory_loader, monk
 
     monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
     trainer.fit()
-    assert trainer.step == 2
-    assert ckpt.load_meta(ckpt.latest_checkpoint(tmp_path))["step"] == 2
+    # the flag rides in step 3's all_reduce, whose metrics are read once step 4 is queued
+    assert trainer.step == 4
+    assert ckpt.load_meta(ckpt.latest_checkpoint(tmp_path))["step"] == 4
+    assert metric_steps(tmp_path) == [1, 2, 3, 4], "every step is logged, the last one too"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is restored"
 
 
@@ -103,7 +111,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, memory_loader, m
 
 
 def test_nan_from_the_data_stops_through_the_real_kernels(tmp_path, memory_loader, monkeypatch):
-    """NaN pixels reach every loss kernel: the trainer (not a kernel's own check) stops, naming the step."""
+    """NaN pixels reach every loss kernel: the trainer (not a kernel's own check) stops, naming the step, before the
+    checkpoint that step 3 would have written (its metrics are read before the save)."""
     trainer = loop.Trainer(config(tmp_path))
     real_forward = trainer.model.forward
 
@@ -113,6 +122,25 @@ def test_nan_from_the_data_stops_through_the_real_kernels(tmp_path, memory_loade
     monkeypatch.setattr(trainer.model, "forward", forward)
     with pytest.raises(loop.TrainingDiverged, match=r"non-finite dino_loss = nan, .* at step 2"):
         trainer.fit()
+    assert trainer.step == 3 and ckpt.latest_checkpoint(tmp_path) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [[], ["train.grad_accum_steps=2", "teacher.centering=sinkhorn_knopp"]])
+def test_train_step_queues_without_a_host_sync(tmp_path, memory_loader, overrides):
+    """Oracle: torch.cuda's sync debug mode, which raises on every device-to-host sync (item, nonzero, bool of a
+    tensor, blocking copies). The first step may sync while it initialises (cuBLAS, optimiser state)."""
+    trainer = loop.Trainer(config(tmp_path, *overrides))
+    assert trainer.device.type == "cuda"
+    groups = trainer.micro_batch_groups()
+    trainer.train_step(*next(groups))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metrics = [trainer.train_step(*next(groups)) for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _, mean, norms, seconds = metrics[-1].read()
+    assert math.isfinite(mean["loss"]) and set(norms) == {"backbone", "dino_head"} and seconds > 0
 
 
 def _two_rank_worker(rank, tmp_path, results):
@@ -153,17 +181,17 @@ def _two_rank_worker(rank, tmp_path, results):
 
 
 def test_two_ranks_share_weights_and_stop_together(tmp_path):
-    """Two gloo ranks: equal initial weights; a SIGTERM on one rank stops both after the same step with
-    one checkpoint; a NaN on one rank stops both (none is left waiting in a collective)."""
+    """Two gloo ranks: equal initial weights; a SIGTERM on one rank (after step 2) stops both after the same step
+    (4) with one checkpoint; a NaN on one rank stops both, naming its step (none is left waiting in a collective)."""
     results = mp.Manager().dict()
     mp.spawn(_two_rank_worker, args=(tmp_path, results), nprocs=2, join=True)
     r0, r1 = results[0], results[1]
     for a, b in zip(r0["initial"], r1["initial"], strict=True):
         assert torch.equal(a, b)
-    assert r0["step"] == r1["step"] == 2
+    assert r0["step"] == r1["step"] == 4
     for k in r0["teacher"]:  # same start, all-reduced gradients, same updates: bitwise equal on both ranks
         assert torch.equal(r0["teacher"][k], r1["teacher"][k]), k
-    assert ckpt.load_meta(ckpt.latest_checkpoint(tmp_path / "sigterm"))["step"] == 2
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "sigterm")] == ["checkpoint-00000004"]
     assert "non-finite loss on another rank at step 1" in r0["diverged"]
     assert "non-finite dino_loss = nan" in r1["diverged"]
 

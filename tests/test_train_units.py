@@ -17,7 +17,7 @@ from dinotron.train.export import export_backbone
 from dinotron.train.knn import knn_classify
 from dinotron.train.log import setup_logging
 from dinotron.train.loop import CollapseWatch
-from dinotron.train.masking import BlockMaskGenerator, sample_masks_for_rank
+from dinotron.train.masking import BlockMaskGenerator, masked_patch_indices, sample_masks_for_rank
 from dinotron.train.model import DINOHead, DinoV2
 from dinotron.train.optim import apply_schedules, build_optimizer, layer_id, param_groups
 from dinotron.train.parallel import LaunchEnv, launch_env, parallelize
@@ -163,6 +163,15 @@ def test_sample_masks_for_rank_checks_its_arguments(kwargs, match):
     args = {"step": 0, "seed": 0, "generator": BlockMaskGenerator((8, 8)), "n_global": 2, "batch_size": 4} | kwargs
     with pytest.raises(ValueError, match=match):
         sample_masks_for_rank(**args)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_masked_patch_indices_pick_what_boolean_indexing_picks(p):
+    """Oracle: x[masks] (boolean indexing), rows and order."""
+    masks = torch.rand(6, 16) < p
+    x = torch.randn(6, 16, 5)
+    picked = x.flatten(0, 1).index_select(0, masked_patch_indices(masks))
+    assert torch.equal(picked, x[masks])
 
 
 # ---- schedules ----------------------------------------------------------------------------------
@@ -436,11 +445,8 @@ def test_drop_path_drops_whole_packed_sequences():
     backbone = DinoV2(cfg).student.backbone.train()
     drop = backbone.vit.blocks[0].drop_path1
     assert drop.drop_prob == 0.5, "drop_path_uniform gives every block the full rate"
-    backbone._packing.token_seq = torch.repeat_interleave(torch.arange(40), torch.tensor([5] * 20 + [3] * 20))
-    try:
+    with backbone._packing.sequences([(20, 5), (20, 3)], torch.device("cpu")):
         out = drop(torch.ones(1, 160, 4))
-    finally:
-        backbone._packing.token_seq = None
     per_token = out[0, :, 0]
     for seq in per_token.split([5] * 20 + [3] * 20):
         assert seq.unique().numel() == 1 and seq[0].item() in (0.0, 2.0)

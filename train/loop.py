@@ -23,8 +23,8 @@ from tqdm import tqdm
 from dinotron.train import checkpoint as ckpt
 from dinotron.train.config import Config, from_dict, to_dict
 from dinotron.train.knn import extract_features, knn_classify
-from dinotron.train.masking import BlockMaskGenerator, sample_masks_for_rank
-from dinotron.train.model import DinoV2
+from dinotron.train.masking import BlockMaskGenerator, masked_patch_indices, sample_masks_for_rank
+from dinotron.train.model import DinoV2, host_to_device
 from dinotron.train.optim import apply_schedules, build_optimizer, clip_gradients
 from dinotron.train.parallel import parallelize, setup_distributed
 from dinotron.train.schedules import build_schedules
@@ -118,6 +118,49 @@ def evaluate_knn(model: DinoV2, cfg: Config, device: torch.device, rank: int = 0
     return knn_classify(train_f, train_l, val_f, val_l, k=ev.k, temperature=ev.temperature)
 
 
+def _stamp(device: torch.device) -> torch.cuda.Event | float:
+    """Now, in the device's stream order: a timing CUDA event recorded on the current stream; on CPU, where every
+    op has finished when it returns, the host's clock."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
+    """Seconds between two _stamp()s, the later one complete."""
+    return start.elapsed_time(end) / 1e3 if isinstance(start, torch.cuda.Event) else end - start
+
+
+class StepMetrics:
+    """One step's metrics on their way to the host, read a step later, so that the host never waits for the step
+    it has just queued.
+
+    values (fp32, on the device): this rank's `parts`, their means over ranks, then the gradient norms of
+    `norm_names`. They are copied non_blocking into pinned host memory and an event is recorded after the copy:
+    `read()` waits for that event only, never for the work queued after it. On CPU every op has finished when it
+    returns, so the copy is synchronous and the same code runs. The step is timed from `timed_from` (a _stamp) to
+    the copy's end.
+    """
+
+    def __init__(self, step: int, parts: list[str], norm_names: list[str], sched: dict[str, float],
+                 values: torch.Tensor, timed_from: torch.cuda.Event | float):
+        self.step, self.parts, self.norm_names, self.sched, self.timed_from = step, parts, norm_names, sched, timed_from
+        self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
+        self._host.copy_(values, non_blocking=True)
+        self.done = _stamp(values.device)
+
+    def read(self) -> tuple[dict[str, float], dict[str, float], dict[str, float], float]:
+        """(this rank's parts, their means over ranks, the gradient norms, the step's seconds), once copied."""
+        if isinstance(self.done, torch.cuda.Event):
+            self.done.synchronize()
+        values, n = self._host.tolist(), len(self.parts)
+        mine, mean = (dict(zip(self.parts, values[i * n : (i + 1) * n], strict=True)) for i in range(2))
+        norms = dict(zip(self.norm_names, values[2 * n :], strict=True))
+        return mine, mean, norms, _seconds(self.timed_from, self.done)
+
+
 class CollapseWatch:
     """Warns when the collapse indicators stay bad for `patience` consecutive steps."""
 
@@ -188,6 +231,7 @@ class Trainer:
         self.mask_generator = BlockMaskGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
         self.loader = build_train_loader(cfg, self.rank, self.world)
         self.step = 0
+        self._timed_from: torch.cuda.Event | float | None = None  # the next step's time counts from here
         self.collapse = CollapseWatch(cfg.train.collapse_patience)
         self.stop_signal: int | None = None
         if resume:
@@ -263,19 +307,23 @@ class Trainer:
         log.info(f"resumed from {path} at step {self.step}")
 
     # ---- one step ---------------------------------------------------------------------------
-    def train_step(self, *micro_batches: dict) -> dict[str, float]:
+    def train_step(self, *micro_batches: dict) -> StepMetrics:
         """One optimiser step over train.grad_accum_steps micro-batches of data.batch_size_per_gpu images each.
 
         Gradients are reduced across ranks only in the last micro-batch's backward (FSDP2 / DDP); every
         micro-batch's teacher targets use the centres of the step's start, which then take the micro-batches'
         updates weighted by their rows, so the step equals one over the whole batch (softmax centring;
-        Sinkhorn-Knopp normalises each micro-batch). Returns the losses and indicators averaged over
-        micro-batches and ranks (one all_reduce and one host sync), gradient norms and schedule values.
+        Sinkhorn-Knopp normalises each micro-batch). Returns the step's StepMetrics: the losses and indicators
+        averaged over micro-batches and ranks (one all_reduce, which also carries this rank's stop flag), gradient
+        norms and schedule values, still on their way to the host. No host sync: the masks and their indices are
+        made on the host and sent non_blocking, and nothing is read back (but for fp16 loss scaling, whose
+        GradScaler reads its inf flag).
         """
         cfg = self.cfg
         if len(micro_batches) != cfg.train.grad_accum_steps:
             raise ValueError(f"train_step takes train.grad_accum_steps={cfg.train.grad_accum_steps} micro-batches, "
                              f"got {len(micro_batches)}")
+        timed_from = _stamp(self.device) if self._timed_from is None else self._timed_from
         sched = self.schedules.at(self.step)
         apply_schedules(self.optimizer, sched["lr"], sched["last_layer_lr"], sched["wd"])
         n_global, n_micro = cfg.data.augment.n_global, len(micro_batches)
@@ -290,14 +338,16 @@ class Trainer:
             self.world,
             cfg.ibot.mask_sample_probability,
             cfg.ibot.mask_ratio_min_max,
-        ).unflatten(0, (n_global, n_micro, B)).to(self.device, non_blocking=True)
+        ).unflatten(0, (n_global, n_micro, B)).transpose(0, 1).flatten(1, 2)  # micro-batch k: masks[k], view-major
+        mask_indices = [host_to_device(masked_patch_indices(m), self.device) for m in masks]
+        masks = host_to_device(masks, self.device)
         centers = [self.model.dino_center, self.model.ibot_center]
         start = [c.clone() for c in centers]
         updated = [torch.zeros_like(c) for c in centers]
         # Each micro-batch's centre update counts by its share of the step's rows: equal for the cls tokens,
         # its masked patches over all ranks for iBOT (a collective only when accumulating).
         cls_share = torch.full((n_micro,), 1.0 / n_micro, device=self.device)
-        patches = masks.sum(dim=(0, 2, 3)).float()
+        patches = masks.sum(dim=(1, 2)).float()
         if n_micro > 1 and self.world > 1:
             dist.all_reduce(patches)
         patch_share = torch.where(patches.sum() > 0, patches / patches.sum().clamp_min(1.0), cls_share)
@@ -311,7 +361,7 @@ class Trainer:
             for c, s in zip(centers, start, strict=True):
                 c.copy_(s)
             with self._gradient_sync(k == n_micro - 1), autocast:
-                out = self.model(global_crops, local_crops, masks[:, k].flatten(0, 1), sched["teacher_temp"])
+                out = self.model(global_crops, local_crops, masks[k], sched["teacher_temp"], mask_indices[k])
                 # FSDP2 / DDP average the gradients over ranks in the last micro-batch's backward
                 self.scaler.scale(out["loss"] / n_micro).backward()
             torch._foreach_add_(updated, [centers[0] * cls_share[k], centers[1] * patch_share[k]])
@@ -319,16 +369,21 @@ class Trainer:
             totals = parts if totals is None else totals + parts
         for c, u in zip(centers, updated, strict=True):
             c.copy_(u)
-        values = self._mean_over_ranks(list(out), totals / n_micro)
+        local = torch.cat([totals / n_micro, totals.new_full((1,), float(self.stop_signal is not None))])
+        mean = local.clone()
+        if self.world > 1:  # every rank, every step, whatever the values: Trainer._record reads them
+            dist.all_reduce(mean)
+            mean /= self.world
         self.scaler.unscale_(self.optimizer)
         norms = clip_gradients(self.model.student, cfg.optim.clip_grad)
+        metrics = StepMetrics(self.step, [*out, "stop"], list(norms), sched,
+                              torch.cat([local, mean, torch.stack(list(norms.values()))]), timed_from)
+        self._timed_from = metrics.done  # the next step is timed from here, unless fit() pauses first
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.model.update_teacher(sched["momentum"])
         self.step += 1
-        values.update({f"grad_norm_{k}": float(v) for k, v in norms.items()})
-        values.update(sched)
-        return values
+        return metrics
 
     def _gradient_sync(self, enabled: bool):
         """A context in which backward reduces gradients across ranks only if `enabled` (accumulation)."""
@@ -338,21 +393,25 @@ class Trainer:
             return self.model.student_forward.no_sync()
         return nullcontext()
 
-    def _mean_over_ranks(self, names: list[str], local: torch.Tensor) -> dict[str, float]:
-        """{name: mean over ranks} of this rank's values; raises TrainingDiverged on every rank alike when a loss
-        is non-finite on any (one all_reduce, one host sync: every rank must call it)."""
-        both = torch.stack([local, local])
-        if self.world > 1:
-            dist.all_reduce(both[1])
-            both[1] /= self.world
-        mine, mean = (dict(zip(names, row, strict=True)) for row in both.tolist())
-        if not all(math.isfinite(mean[part]) for part in LOSS_PARTS):  # every rank stops at the same step
+    def _record(self, metrics: StepMetrics, bar: tqdm) -> tuple[dict, bool]:
+        """Read a step's metrics (waiting for that step only) and log them; returns (the metrics record, whether a
+        stop signal reached any rank by that step). Raises TrainingDiverged, naming the step, where a loss was
+        non-finite on any rank: every rank reads the same means, so every rank raises at the same point."""
+        mine, mean, norms, seconds = metrics.read()
+        if not all(math.isfinite(mean[part]) for part in LOSS_PARTS):
             bad = [f"{part} = {mine[part]}" for part in LOSS_PARTS if not math.isfinite(mine[part])]
             raise TrainingDiverged(
-                f"non-finite {', '.join(bad) or 'loss on another rank'} at step {self.step}; stopping. The last good "
-                f"checkpoint in {self.out_dir} is intact (try a lower optim.base_lr or train.precision=fp32)"
+                f"non-finite {', '.join(bad) or 'loss on another rank'} at step {metrics.step}; stopping. The last "
+                f"good checkpoint in {self.out_dir} is intact (try a lower optim.base_lr or train.precision=fp32)"
             )
-        return mean
+        stop = mean.pop("stop") > 0
+        images = self.cfg.data.batch_size_per_gpu * self.world * self.cfg.train.grad_accum_steps
+        record = {"step": metrics.step + 1, **mean, **{f"grad_norm_{k}": v for k, v in norms.items()},
+                  **metrics.sched, "images_per_s": images / seconds}
+        if self.device.type == "cuda":
+            record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._log(record, bar)
+        return record, stop
 
     def _any_rank(self, flag: bool) -> bool:
         """True when `flag` is True on any rank (a collective: every rank must call it)."""
@@ -364,26 +423,33 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train until end_step or a stop signal; returns the last logged metrics (and k-NN)."""
+        """Train until end_step or a stop signal; returns the last logged metrics (and k-NN).
+
+        The host runs a step ahead of the device: step s's metrics are read (checked, logged) once step s + 1 is
+        queued, and at once where the weights leave the loop (checkpoint, k-NN, end). A non-finite loss thus stops
+        training at most one step later, naming its step, and never reaches a checkpoint. A stop signal travels in
+        the next step's all_reduce: every rank stops after the same step, at most two after the signal, and saves.
+        """
         cfg = self.cfg
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=self.end_step, initial=self.step, disable=not (self.is_main and cfg.train.progress),
                    dynamic_ncols=True)
-        images = cfg.data.batch_size_per_gpu * self.world * cfg.train.grad_accum_steps
         last: dict = {}
         stopping = False
+        pending: StepMetrics | None = None
         steps = self.micro_batch_groups()
+        self._timed_from = None
         try:
             while self.step < self.end_step and not stopping:
-                tic = time.perf_counter()
-                last = {"step": self.step + 1, **self.train_step(*next(steps))}
-                last["images_per_s"] = images / (time.perf_counter() - tic)
-                if self.device.type == "cuda":
-                    last["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                self._log(last, bar)
-                # A signal may reach the ranks at different steps: they stop together after this one.
-                stopping = self._any_rank(self.stop_signal is not None)
-                if self.step % cfg.train.checkpoint_every == 0 or self.step == self.end_step or stopping:
+                metrics = self.train_step(*next(steps))
+                if pending is not None:
+                    last, stopping = self._record(pending, bar)
+                pending = metrics
+                due = self.step % cfg.train.checkpoint_every == 0 or self.step == self.end_step
+                if due or stopping or self._knn_due():  # the weights leave the loop: check their step first
+                    last, stop = self._record(pending, bar)
+                    stopping, pending, self._timed_from = stopping or stop, None, None
+                if due or stopping:
                     self.save()
                 if self._knn_due():
                     last.update(self._knn())
@@ -431,17 +497,18 @@ class Trainer:
 
     def _log(self, m: dict, bar: tqdm) -> None:
         bar.update(1)
-        warning = self.collapse.update(self.step, m)
+        step = m["step"]
+        warning = self.collapse.update(step, m)
         if warning:
             log.warning(warning)
-        if not self.is_main or self.step % self.cfg.train.log_every:
+        if not self.is_main or step % self.cfg.train.log_every:
             return
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(m) + "\n")
         if self.tb is not None:
             for k, v in m.items():
                 if k != "step":
-                    self.tb.add_scalar(k, v, self.step)
+                    self.tb.add_scalar(k, v, step)
         bar.set_postfix(
             loss=f"{m['loss']:.3f}",
             dino=f"{m['dino_loss']:.3f}",

@@ -117,3 +117,11 @@ def sample_masks_for_rank(
                 rng = random.Random(_seed(seed, step, v, image))
                 masks[v, j] = generator(int(n_patches * ratios[i]), rng).flatten()
     return masks.flatten(0, 1)
+
+
+def masked_patch_indices(masks: torch.Tensor) -> torch.Tensor:
+    """(M,) int64 flat indices of the True entries of `masks` (any shape), in row-major order: the rows of
+    x.flatten(0, masks.ndim - 1) that x[masks] picks, in its order, so that index_select(0, indices) of that equals
+    x[masks]. Made on the host with the masks (dinov2's collate makes its mask_indices_list there too), it spares
+    the device the nonzero() behind boolean indexing, a host sync; on a device tensor it is that same sync."""
+    return masks.flatten().nonzero().squeeze(1)

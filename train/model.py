@@ -7,6 +7,9 @@ cross-view pairs, iBOT loss on masked patches, KoLeo on the student's global cls
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import timm
@@ -19,7 +22,17 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from dinotron import kernels
 from dinotron.train.config import Config, HeadConfig, ModelConfig
+from dinotron.train.masking import masked_patch_indices
 from dinotron.train.parallel import local_tensors
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor `t` on `device` without a host sync: pinned, then copied non_blocking on the current stream (so
+    the kernels queued after it read the data); the pinned copy lives until the transfer is done (torch's caching
+    host allocator). On CPU, `t` itself."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 class DINOHead(nn.Module):
@@ -80,7 +93,7 @@ class SequenceDropPath(nn.Module):
         if seq is None:
             mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         else:
-            mask = x.new_empty(int(seq[-1]) + 1).bernoulli_(keep)[seq].view(1, -1, 1)
+            mask = x.new_empty(self.packing.n_seqs).bernoulli_(keep)[seq].view(1, -1, 1)
         return x * mask.div_(keep)
 
     def extra_repr(self) -> str:
@@ -88,9 +101,22 @@ class SequenceDropPath(nn.Module):
 
 
 class _Packing:
-    """Which packed sequence each token belongs to, while Backbone.forward_packed runs."""
+    """Which packed sequence each token belongs to, while Backbone.forward_packed runs (`sequences`)."""
 
-    token_seq: torch.Tensor | None = None
+    token_seq: torch.Tensor | None = None  # (T,) int64 on the tokens' device
+    n_seqs: int = 0
+
+    @contextmanager
+    def sequences(self, batches: list[tuple[int, int]], device: torch.device) -> Iterator[None]:
+        """Tokens packed as batches of b sequences of n tokens each, (b, n) in order. token_seq is made on `device`
+        from these host integers (no transfer, no data-dependent shape)."""
+        self.n_seqs = sum(b for b, _ in batches)
+        ids = torch.arange(self.n_seqs, device=device).split([b for b, _ in batches])
+        self.token_seq = torch.cat([i[:, None].expand(-1, n).flatten() for i, (_, n) in zip(ids, batches, strict=True)])
+        try:
+            yield
+        finally:
+            self.token_seq, self.n_seqs = None, 0
 
 
 def create_vit(cfg: ModelConfig, drop_path_rate: float) -> nn.Module:
@@ -158,17 +184,12 @@ class Backbone(nn.Module):
         """Several crop batches (sizes may differ) through the blocks in one varlen pass; needs the
         dinotron attention swapped in (kernels.swap_timm_attention)."""
         tokens = [self.tokens(images, masks) for images, masks in crops]
-        lengths = [n for t in tokens for n in [t.shape[1]] * t.shape[0]]
-        cu_seqlens, max_seqlen = kernels.make_cu_seqlens(lengths)
+        batches = [tuple(t.shape[:2]) for t in tokens]
+        cu_seqlens, max_seqlen = kernels.make_cu_seqlens([n for b, n in batches for _ in range(b)])
         packed = torch.cat([t.flatten(0, 1) for t in tokens])[None]
-        device = packed.device
-        self._packing.token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                                          torch.tensor(lengths, device=device))
-        try:
-            with kernels.packed_sequences(cu_seqlens.to(device), max_seqlen):
-                packed = self.vit.blocks(packed)[0]
-        finally:
-            self._packing.token_seq = None
+        cu_seqlens = host_to_device(cu_seqlens, packed.device)
+        with self._packing.sequences(batches, packed.device), kernels.packed_sequences(cu_seqlens, max_seqlen):
+            packed = self.vit.blocks(packed)[0]
         outs, start = [], 0
         for t in tokens:
             n = t.shape[0] * t.shape[1]
@@ -188,12 +209,14 @@ class MultiCropModel(nn.ModuleDict):
         out = self.dino_head(torch.cat([cls_tokens, patch_tokens]))
         return out[: cls_tokens.shape[0]], out[cls_tokens.shape[0] :]
 
-    def forward(self, global_crops: torch.Tensor, masks: torch.Tensor, local_crops: torch.Tensor | None = None, *,
-                mask_input: bool = True, pack: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """global_crops (n_global*B, 3, G, G), masks (n_global*B, (G/p)^2) bool, local_crops (n_local*B, 3, L, L)
-        or None. The masked patch embeddings are replaced by the mask token when mask_input (the student).
-        Returns (cls tokens of the global crops, DINO logits of every crop's cls token (global then local),
-        iBOT logits of the masked global patches)."""
+    def forward(self, global_crops: torch.Tensor, masks: torch.Tensor, mask_indices: torch.Tensor,
+                local_crops: torch.Tensor | None = None, *, mask_input: bool = True,
+                pack: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """global_crops (n_global*B, 3, G, G), masks (n_global*B, (G/p)^2) bool, mask_indices (M,) int64 their
+        masked_patch_indices, local_crops (n_local*B, 3, L, L) or None. The masked patch embeddings are replaced by
+        the mask token when mask_input (the student). Returns (cls tokens of the global crops, DINO logits of every
+        crop's cls token (global then local), iBOT logits of the M masked global patches, in masks' row-major
+        order). No host sync: the patches are picked by index_select, not by boolean indexing (nonzero)."""
         backbone = self.backbone
         input_masks = masks if mask_input else None
         if pack and local_crops is not None:
@@ -202,7 +225,7 @@ class MultiCropModel(nn.ModuleDict):
             g = backbone(global_crops, input_masks)
             local = backbone(local_crops) if local_crops is not None else None
         cls_tokens = g.cls if local is None else torch.cat([g.cls, local.cls])
-        cls_logits, patch_logits = self.heads(cls_tokens, g.patches[masks])
+        cls_logits, patch_logits = self.heads(cls_tokens, g.patches.flatten(0, 1).index_select(0, mask_indices))
         return g.cls, cls_logits, patch_logits
 
 
@@ -260,14 +283,16 @@ class DinoV2(nn.Module):
         self.__dict__["_student_forward"] = wrapper
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor, teacher_temp: float) -> dict:
-        """Teacher probabilities for the student's DINO (cls) and iBOT (masked patch) targets.
+    def teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor, mask_indices: torch.Tensor,
+                        teacher_temp: float) -> dict:
+        """Teacher probabilities for the student's DINO (cls) and iBOT (masked patch) targets: {"cls_probs",
+        "patch_probs"}; masks and mask_indices as in forward. Updates the softmax centres.
 
         The centring ops run on every rank every step, with zero masked patches too: they all-reduce
         (centre sums, Sinkhorn's column sums), so a rank that skipped them would leave the others in a
         mismatched collective. A rank without masked patches contributes zeros; with none anywhere the
         iBOT centre stays as it was."""
-        _, cls_logits, patch_logits = self.teacher(global_crops, masks, mask_input=False)
+        _, cls_logits, patch_logits = self.teacher(global_crops, masks, mask_indices, mask_input=False)
         tc = self.cfg.teacher
         if tc.centering == "softmax":  # targets use the previous centre, then the centre takes this batch in
             cls_probs, center = kernels.softmax_center_and_update_teacher(
@@ -286,25 +311,39 @@ class DinoV2(nn.Module):
         return {"cls_probs": cls_probs, "patch_probs": patch_probs}
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
-                teacher_temp: float) -> dict:
-        """One training step's losses.
+                teacher_temp: float, mask_indices: torch.Tensor | None = None) -> dict:
+        """One training step's losses: teacher_targets, then student_losses.
 
         global_crops: (n_global*B, 3, G, G) view-major; local_crops: (n_local*B, 3, L, L) or None;
-        masks: (n_global*B, (G/p)^2) bool iBOT masks. Returns {"loss", "dino_loss", "koleo_loss",
-        "ibot_loss"} (fp32 scalars) and detached collapse indicators.
+        masks: (n_global*B, (G/p)^2) bool iBOT masks; mask_indices: their masked_patch_indices, made on the host
+        with the masks (the trainer does), or None to make them here (on a GPU a host sync). Returns
+        {"loss", "dino_loss", "koleo_loss", "ibot_loss"} (fp32 scalars) and detached collapse indicators.
+        """
+        if mask_indices is None:
+            mask_indices = masked_patch_indices(masks)
+        targets = self.teacher_targets(global_crops, masks, mask_indices, teacher_temp)
+        return self.student_losses(global_crops, local_crops, masks, mask_indices, targets)
+
+    def student_losses(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
+                       mask_indices: torch.Tensor, targets: dict) -> dict:
+        """The student's side of forward against given teacher `targets` (teacher_targets' output): its forward
+        of every crop, the heads, the DINO, KoLeo and iBOT losses and the collapse indicators; arguments and
+        result as forward's. Nothing here reads the device back (no host sync, no shape that depends on the data),
+        so torch.compile captures it as one graph (tests/test_compile.py).
         """
         cfg = self.cfg
         n_global = cfg.data.augment.n_global
-        targets = self.teacher_targets(global_crops, masks, teacher_temp)
         has_local = local_crops is not None and local_crops.shape[0] > 0
         global_cls, cls_logits, patch_logits = self.student_forward(
-            global_crops, masks, local_crops if has_local else None, pack=cfg.model.pack_crops
+            global_crops, masks, mask_indices, local_crops if has_local else None, pack=cfg.model.pack_crops
         )
 
         n_views = cls_logits.shape[0] // (global_crops.shape[0] // n_global)
         student_views = cls_logits.unflatten(0, (n_views, -1))
         teacher_views = targets["cls_probs"].unflatten(0, (n_global, -1))
-        dino = kernels.dino_loss(student_views, teacher_views, cfg.dino.student_temp, check_finite=False)
+        # lightly's pairing, the mean over the pairs of different crops: dinov2's two dino_loss calls and their scales
+        dino = kernels.dino_loss(student_views, teacher_views, student_temp=cfg.dino.student_temp,
+                                 ignore_diagonal=True, reduction="mean")
         if cfg.dino.koleo_loss_weight > 0:  # as dinov2's do_koleo
             group = dist.group.WORLD if cfg.dino.koleo_all_ranks and dist.is_initialized() else None
             koleo = sum(kernels.koleo_loss(c.float(), group=group, check_finite=False)
@@ -313,8 +352,7 @@ class DinoV2(nn.Module):
             koleo = global_cls.new_zeros((), dtype=torch.float32)
         # no masked patch: 0, with a zero gradient that still reaches the iBOT head (every rank's
         # parameters get a gradient, so the gradient all-reduce sees the same tensors on every rank)
-        ibot = kernels.ibot_patch_loss(patch_logits, targets["patch_probs"], masks, cfg.dino.student_temp,
-                                       check_finite=False)
+        ibot = kernels.ibot_patch_loss(patch_logits, targets["patch_probs"], masks, student_temp=cfg.dino.student_temp)
         total = cfg.dino.loss_weight * dino + cfg.dino.koleo_loss_weight * koleo + cfg.ibot.loss_weight * ibot
         return {
             "loss": total,
@@ -342,12 +380,14 @@ def collapse_indicators(teacher_probs: torch.Tensor, student_cls: torch.Tensor) 
     sqrt(D) (about 1 when spread, 0 when collapsed)."""
     p = teacher_probs.float()
     K = p.shape[1]
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=1).mean() / torch.log(torch.tensor(float(K)))
-    in_use = (torch.bincount(p.argmax(dim=1), minlength=K) > 0).sum() / max(min(K, p.shape[0]), 1)
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=1).mean() / math.log(K)
+    # a flag per prototype, not bincount: bincount's output size depends on the data (a host sync on GPU)
+    used = torch.zeros(K, dtype=torch.bool, device=p.device).index_fill_(0, p.argmax(dim=1), True)
+    in_use = used.sum() / max(min(K, p.shape[0]), 1)
     f = F.normalize(student_cls.float(), dim=-1)
     std = f.std(dim=0).mean() * f.shape[1] ** 0.5 if f.shape[0] > 1 else f.new_zeros(())
     return {
         "teacher_entropy": entropy.detach(),
-        "prototypes_in_use": in_use.float(),  # on the logits' device: no host sync
+        "prototypes_in_use": in_use.float(),
         "feature_std": std.detach(),
     }
