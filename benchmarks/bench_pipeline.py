@@ -17,12 +17,16 @@ Impls, each at every --workers count (DALI threads / DataLoader worker processes
 - torchvision_wds: the stock baseline: webdataset.WebDataset + shuffle buffer + PIL decode +
   transforms.v2.Compose of DINOv2's DataAugmentationDINO, batched, DataLoader workers.
 Timed after --warmup batches (workers started, graphs built), over --batches batches, side by side in one run;
-with --rounds R every impl is measured R times round-robin and the median round is kept (for shared machines).
+every impl is measured --rounds R times (default 3) round-robin, and each metric's median over the rounds is kept
+(for shared machines; every round's numbers are kept in the JSON's round_samples). `cpu_ms_per_image` is the CPU
+time (user + system) of the process, its threads and its DataLoader workers over the timed batches, per source
+image; `cpu_speedup_vs` is the baseline's cpu_ms_per_image / ours.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -128,20 +132,46 @@ def endless(loader):
         yield from loader
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system, s) of this process, all its threads (DALI's), its reaped children (os.times: the
+    DataLoader workers of finished epochs) and its live descendants (from /proc): the cost of an image whichever
+    process spends it."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, stats = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(entry)] = int(fields[1])  # ppid
+        stats[int(entry)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    family, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - family
+        family |= frontier
+    return total + sum(stats[pid] for pid in family)
+
+
 def measure(make, batches: int, warmup: int, batch_size: int, on_gpu: bool) -> dict:
     it = endless(make())
     for _ in range(warmup):
         next(it)
     if on_gpu:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     for _ in range(batches):
         batch = next(it)
     if on_gpu:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     assert batch["global_crops"].shape[0] == 2 * batch_size
-    return {"images_per_s": batches * batch_size / seconds, "ms": 1e3 * seconds / batches}
+    del it  # stop this impl's workers before the next one is timed
+    return {"images_per_s": batches * batch_size / seconds, "ms": 1e3 * seconds / batches,
+            "cpu_ms_per_image": 1e3 * cpu / (batches * batch_size)}
 
 
 def skipped(impl: str, gpu: bool) -> str | None:
@@ -164,7 +194,7 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=None,
                         help="timed batches (default: one pass over the data, >= 4)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="measure every impl this many times, round-robin; median")
+    parser.add_argument("--rounds", type=int, default=3, help="measure every impl this many times, round-robin; median")
     parser.add_argument("--gpu-batches-factor", type=int, default=4, help="dali_gpu times this many more batches")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parent / ".data"))
     args = parser.parse_args()
@@ -174,7 +204,7 @@ def main() -> int:
     batches = args.batches or max(4, args.images // args.batch_size)
     case_of = lambda w: (f"{cfg.n_global}x{cfg.global_size}+{cfg.n_local}x{cfg.local_size} 500x375 JPEG"  # noqa: E731
                          f" B={args.batch_size} workers={w}")
-    rows = []
+    rows, round_samples = [], {}
     for workers in args.workers:
         makers = {
             "dali_gpu": lambda w=workers: MultiCropLoader(pattern, args.batch_size, device="gpu", augment=cfg,
@@ -192,14 +222,17 @@ def main() -> int:
                     continue
                 n = batches * (args.gpu_batches_factor if impl == "dali_gpu" else 1)
                 samples[impl].append(measure(makers[impl], n, args.warmup, args.batch_size, on_gpu=impl == "dali_gpu"))
-                print(f"{case_of(workers)} {impl}: {samples[impl][-1]['images_per_s']:.1f} images/s", flush=True)
+                last = samples[impl][-1]
+                print(f"{case_of(workers)} {impl}: {last['images_per_s']:.1f} images/s, "
+                      f"{last['cpu_ms_per_image']:.1f} CPU-ms/image", flush=True)
         for impl, runs in samples.items():
             row = {"case": case_of(workers), "impl": impl}
             if not runs:
                 row["note"] = f"skipped: {skipped(impl, gpu)}"
-            else:  # the median round
-                row.update(sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2])
+            else:  # the median of each metric over the rounds
+                row.update({k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]})
                 row["rounds"] = len(runs)
+                round_samples[f"{row['case']} / {impl}"] = runs
             rows.append(row)
     for ours in ("dali_gpu", "dali_cpu"):
         for row in rows:
@@ -210,9 +243,12 @@ def main() -> int:
                     base += [r for r in rows if r["case"] == row["case"] and r["impl"] == "dali_cpu"
                              and r.get("images_per_s")]
                 row["speedup_vs"] = {r["impl"]: round(row["images_per_s"] / r["images_per_s"], 3) for r in base}
+                row["cpu_speedup_vs"] = {r["impl"]: round(r["cpu_ms_per_image"] / row["cpu_ms_per_image"], 3)
+                                         for r in base}
     save("pipeline", [r for r in rows if r.get("images_per_s")], "cuda" if gpu else "cpu", metric="images_per_s",
          extra={"images": args.images, "batches": batches, "cpu_count": os.cpu_count(),
-                "skipped": [f"{r['impl']}: {r['note']}" for r in rows if r.get("note")]})
+                "skipped": [f"{r['impl']}: {r['note']}" for r in rows if r.get("note")],
+                "round_samples": round_samples})
     return 0
 
 

@@ -41,7 +41,15 @@ from dinotron.kernels.checks import (
     check_positive,
     check_same_device,
 )
-from dinotron.kernels.layout import TeacherTargets, in_place_views, k_splits, scattered, tile, view_table
+from dinotron.kernels.layout import (
+    TeacherTargets,
+    in_place_views,
+    k_splits,
+    lse_pivot,
+    scattered,
+    tile,
+    view_table,
+)
 from dinotron.kernels.sinkhorn_knopp import sinkhorn_knopp_targets
 from dinotron.kernels.softmax_center import softmax_center_targets, update_center
 
@@ -105,7 +113,8 @@ def _ce_fwd_kernel(
                       TEACHER_LOGITS, EXCLUDE_SAME_VIEW)
         z_lse = tl.where(k_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z_lse, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_lse - m_new[:, None]), axis=1)
+        pivot = lse_pivot(m_new)
+        s = s * tl.exp(m - pivot) + tl.sum(tl.exp(z_lse - pivot[:, None]), axis=1)
         m = m_new
         dot += tl.sum(p * z, axis=1)
         mass += tl.sum(p, axis=1)
@@ -135,7 +144,7 @@ def _ce_combine_kernel(PARTIAL, WEIGHT, LSE, MASS, LOSS, n_out, n_rows, n_splits
         mass = tl.zeros((BLOCK,), tl.float32)
         for sp in range(n_splits):
             at = PARTIAL + sp * n_out + i
-            s += tl.load(at + plane, mask=mask, other=0.0) * tl.exp(tl.load(at, mask=mask, other=0.0) - m)
+            s += tl.load(at + plane, mask=mask, other=0.0) * tl.exp(tl.load(at, mask=mask, other=0.0) - lse_pivot(m))
             dot += tl.load(at + 2 * plane, mask=mask, other=0.0)
             mass += tl.load(at + 3 * plane, mask=mask, other=0.0)
         lse = m + tl.log(tl.where(mask, s, 1.0))

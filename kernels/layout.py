@@ -83,6 +83,13 @@ def rows_table(x: torch.Tensor) -> ViewTable:
 
 
 @triton.jit
+def lse_pivot(m):
+    """The shift of an online log-sum-exp step whose running max is m: m, or 0 where m is -inf, so that a
+    leading block of -inf entries adds exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def row_pointers(base_ptr, r, rows_per_view, view_stride, row_stride):
     """Pointers to the first element of rows r (a block of row indices) of a view table."""
     view = r // rows_per_view

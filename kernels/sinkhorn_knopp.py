@@ -25,7 +25,7 @@ import triton.language as tl
 from dinotron.kernels import reference
 from dinotron.kernels.backend import resolve_backend
 from dinotron.kernels.checks import check_finite_result
-from dinotron.kernels.layout import TeacherTargets, ViewTable, row_pointers, rows_table, tile, view_table
+from dinotron.kernels.layout import TeacherTargets, ViewTable, lse_pivot, row_pointers, rows_table, tile, view_table
 from dinotron.kernels.softmax_center import row_lse
 
 
@@ -49,7 +49,8 @@ def _col_lse_kernel(
             z -= tl.load(ROW_LSE + r, mask=r_mask, other=0.0)[:, None]
         z = tl.where(r_mask[:, None], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[None, :]), axis=0)
+        pivot = lse_pivot(m_new)
+        s = s * tl.exp(m - pivot) + tl.sum(tl.exp(z - pivot[None, :]), axis=0)
         m = m_new
     tl.store(OUT + k, m + tl.log(s), mask=k_mask)
 

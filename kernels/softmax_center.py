@@ -23,7 +23,7 @@ import triton.language as tl
 from dinotron.kernels import reference
 from dinotron.kernels.backend import resolve_backend
 from dinotron.kernels.checks import check_finite_result, check_nonempty, check_positive, check_same_device, check_tensor
-from dinotron.kernels.layout import TeacherTargets, ViewTable, row_pointers, rows_table, tile, view_table
+from dinotron.kernels.layout import TeacherTargets, ViewTable, lse_pivot, row_pointers, rows_table, tile, view_table
 
 _BLOCK_R_CENTER = 4  # rows per program when summing columns for the centre: R / 4 atomic adds per column
 
@@ -51,7 +51,8 @@ def _row_lse_kernel(
             tl.atomic_add(COLSUM + k, tl.sum(x, axis=0), mask=k_mask, sem="relaxed")
         z = _biased(x, BIAS, k, k_mask, scale, bias_scale, HAS_BIAS)
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        pivot = lse_pivot(m_new)
+        s = s * tl.exp(m - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
         m = m_new
     lse = m + tl.log(s)
     tl.store(LSE + r, lse, mask=r_mask)

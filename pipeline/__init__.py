@@ -11,7 +11,8 @@ from dinotron.pipeline.dali_loader import (
     build_eval_pipeline,
     build_multicrop_pipeline,
 )
-from dinotron.pipeline.shards import ShardError, check_shards, expand_shards, write_index, write_shards
+from dinotron.pipeline.loader import TooManyBadSamples
+from dinotron.pipeline.shards import ShardError, check_shards, expand_shards, read_class_map, write_index, write_shards
 from dinotron.pipeline.torchvision_loader import TorchvisionEvalLoader, TorchvisionMultiCropLoader
 
 __all__ = [
@@ -21,11 +22,13 @@ __all__ = [
     "MultiCropLoader",
     "ShardError",
     "TorchvisionEvalLoader",
+    "TooManyBadSamples",
     "TorchvisionMultiCropLoader",
     "build_eval_pipeline",
     "build_multicrop_pipeline",
     "check_shards",
     "expand_shards",
+    "read_class_map",
     "write_index",
     "write_shards",
 ]

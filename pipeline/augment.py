@@ -3,7 +3,7 @@
 Both loaders (DALI and torchvision) draw every random number here, from a counter-based hash of
 (seed, epoch, sample id, slot): the augmentation of a sample depends on nothing else (not on the
 batch size, the rank count, the worker count or where a run resumed), so exact resume is free and
-the two loaders apply the same crops, flips, jitter factors, blurs and solarizations.
+the two loaders apply the same crops, flips, jitter factors and order, blurs and solarizations.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 class MultiCropConfig:
     """DINOv2's DataAugmentationDINO, every number configurable (defaults = dinov2's).
 
-    View order is fixed: global crops 0..n_global-1, then local crops. Colour jitter applies
-    brightness, contrast, saturation, hue in this fixed order (torchvision's ColorJitter shuffles it).
+    View order is fixed: global crops 0..n_global-1, then local crops. Colour jitter applies brightness,
+    contrast, saturation and hue in a random order per crop, as torchvision's ColorJitter (columns P_ORDER).
     Blur probabilities are the stated recipe's; dinov2's GaussianBlur hands 1 - p to RandomApply, so its
     models were trained with global_blur_p=(0.0, 0.9).
     """
@@ -108,7 +108,9 @@ P_GRAY = 9  # 1.0: grayscale (after jitter)
 P_BLUR = 10  # 1.0: Gaussian blur
 P_SIGMA = 11  # blur sigma (px)
 P_SOLARIZE = 12  # 1.0: solarize
-N_PARAMS = 13
+P_ORDER = 13  # 4 columns: the jitter ops (JITTER_OPS indices) in the order they apply, a random permutation
+N_PARAMS = 17
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # ColorJitter's fn_idx numbering
 
 _TRIALS = 10  # RandomResizedCrop attempts before its centre-crop fallback (as torchvision)
 _SLOTS_PER_VIEW = 4 * _TRIALS + 16
@@ -184,7 +186,7 @@ def sample_params(cfg: MultiCropConfig, seed: int, epoch: int, sample_ids, heigh
     scale_hi = np.where(is_global, cfg.global_scale[1], cfg.local_scale[1])
     out = np.zeros((len(h), cfg.n_views, N_PARAMS), np.float32)
     out[..., P_Y0:P_X1 + 1] = _random_resized_crops(keys, h, w, scale_lo, scale_hi, cfg.ratio)
-    slots = (views * _SLOTS_PER_VIEW + 4 * _TRIALS)[None, :, None] + np.arange(10)[None, None, :]
+    slots = (views * _SLOTS_PER_VIEW + 4 * _TRIALS)[None, :, None] + np.arange(14)[None, None, :]
     r = _unit(keys[:, None, None], slots)
     jb, jc, js, jh = cfg.color_jitter
     jitter = r[..., 1] < cfg.color_jitter_p
@@ -202,4 +204,6 @@ def sample_params(cfg: MultiCropConfig, seed: int, epoch: int, sample_ids, heigh
     out[..., P_BLUR] = r[..., 7] < np.array([cfg.blur_p(v) for v in views])
     out[..., P_SIGMA] = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * r[..., 8]
     out[..., P_SOLARIZE] = r[..., 9] < np.array([cfg.solarize_p(v) for v in views])
+    # ColorJitter.get_params' fn_idx = torch.randperm(4): the ranks of 4 uniforms are a uniform permutation.
+    out[..., P_ORDER:P_ORDER + 4] = np.argsort(r[..., 10:14], axis=-1, kind="stable")
     return out

@@ -21,8 +21,8 @@ import torch
 
 from dinotron.pipeline import augment as A
 from dinotron.pipeline.augment import MultiCropConfig
-from dinotron.pipeline.loader import MultiCropSource, ShardLoader, resolve_dtype
-from dinotron.pipeline.shards import ShardError, check_decodes, decoded_size
+from dinotron.pipeline.loader import MultiCropSource, ReadAhead, ShardLoader, resolve_dtype
+from dinotron.pipeline.shards import MAX_IMAGE_PIXELS, ShardError, check_decodes
 from dinotron.pipeline.torchvision_loader import TorchvisionEvalLoader, TorchvisionMultiCropLoader
 
 log = logging.getLogger(__name__)
@@ -75,23 +75,99 @@ def _decode(encoded, device: str, hw_decoder_load: float):
     return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
 
 
-def color_jitter(images, brightness, contrast, saturation, hue, device: str):
-    """torchvision's adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue in this order on uint8
-    HWC images; the factors are per-sample scalars (CPU nodes), hue in turns (-0.5..0.5).
+def _grey_mean(images):
+    """torchvision's contrast pivot: the mean over pixels of floor(0.2989 R + 0.587 G + 0.114 B), per sample.
 
-    Contrast blends with the mean grey level of the (brightness-adjusted) image, as torchvision does; DALI's
-    colour twist would pivot on 128. Saturation in the colour twist is the same blend with the luma as
-    torchvision's; the hue rotation is DALI's (in YIQ, torchvision's is in HSV).
-    """
+    The weighted mean of the per-channel means (one reduction, no grey image); floor() lowers each pixel's grey by
+    its fraction, 0.5 on average, so the pivot is the weighted mean - 0.5 (off by < 0.5 level where the fractions are
+    not uniform, e.g. a solid colour)."""
+    from nvidia.dali import fn
+
+    m = fn.reductions.mean(images, axes=[0, 1])
+    return m[0] * 0.2989 + m[1] * 0.587 + m[2] * 0.114 - 0.5
+
+
+def hsv_hue(images, hue):
+    """torchvision's adjust_hue on uint8 HWC images: RGB -> HSV, hue + `hue` turns (mod 1), back to RGB, truncated to
+    uint8 as torchvision's to_dtype (x * 255.999). hue: per-sample scalars (CPU nodes) in -0.5..0.5.
+
+    HSV's inverse written without a case split: channel c = max - (max - min) * clamp(min(k, 4 - k), 0, 1) with
+    k = (n_c + 6 h) mod 6, n = 5, 3, 1 for R, G, B, which is torchvision's (v, t, p, q) table sextant by sextant. Max
+    and min (V and S) are kept. DALI's colour_twist / hsv rotate hue in YIQ, a linear approximation (9.7 levels mean
+    gap to torchvision at |h| = 0.1). About 40 arithmetic passes over the H x W planes (DALI does not fuse them)."""
     from nvidia.dali import fn, math, types
 
-    images = fn.color_twist(images, brightness=brightness)
-    grey_mean = fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
-    if device == "gpu":
-        contrast = contrast.gpu()
-    blended = math.clamp(contrast * images + (1.0 - contrast) * grey_mean, 0.0, 255.0)
-    images = fn.cast(blended, dtype=types.UINT8)
-    return fn.color_twist(images, saturation=saturation, hue=hue * 360.0)
+    r, g, b = images[:, :, 0], images[:, :, 1], images[:, :, 2]
+    hi = math.max(math.max(r, g), b)
+    lo = math.min(math.min(r, g), b)
+    span = hi - lo
+    inv = 1.0 / (span + (span == 0))  # grey pixels (span 0) keep any hue: their channels all equal hi
+    rc, gc, bc = (hi - r) * inv, (hi - g) * inv, (hi - b) * inv
+    not_r = hi != r
+    h6 = ((hi == r) * (bc - gc) + (hi == g) * not_r * (2.0 + rc - bc) + (hi != g) * not_r * (4.0 + gc - rc)
+          + hue * 6.0)
+
+    def channel(n):
+        k = h6 + n
+        k = k - 6.0 * math.floor(k * (1 / 6))
+        return math.floor((hi - span * math.clamp(math.min(k, 4.0 - k), 0.0, 1.0)) * (255.999 / 255))
+
+    return fn.cast(fn.stack(channel(5.0), channel(3.0), channel(1.0), axis=2, axis_name="C"), dtype=types.UINT8)
+
+
+_TWIST_CONTRAST = 1 / (1 - 0.499 / 128)
+
+
+def _jitter_op(images, op: int, factors, device: str):
+    """One of ColorJitter's four ops (augment.JITTER_OPS order) with per-sample factors."""
+    from nvidia.dali import fn
+
+    brightness, contrast, saturation, hue = factors
+    # brightness_shift -0.499 level: DALI rounds to uint8 where torchvision truncates; floor(y) = round(y - 0.499)
+    # except for fractions in [0.999, 1).
+    shift = -0.499 / 255
+    if op == 0:
+        return fn.brightness_contrast(images, brightness=brightness, brightness_shift=shift)
+    if op == 1:
+        center = _grey_mean(images)
+        # Argument inputs live on the CPU: a GPU pipeline brings the pivot back (exec_dynamic allows it).
+        return fn.brightness_contrast(images, contrast=contrast, contrast_center=center.cpu() if device == "gpu"
+                                      else center, brightness_shift=shift)
+    if op == 2:
+        # The same shift in the colour twist: its contrast pivots on 128, so contrast 1 / (1 - 0.499 / 128) with
+        # brightness (1 - 0.499 / 128) is the identity less 0.499.
+        return fn.color_twist(images, saturation=saturation, contrast=_TWIST_CONTRAST, brightness=1 / _TWIST_CONTRAST)
+    return hsv_hue(images, hue.gpu() if device == "gpu" else hue)
+
+
+def color_jitter(images, brightness, contrast, saturation, hue, device: str, order=None):
+    """torchvision's adjust_brightness, adjust_contrast, adjust_saturation and adjust_hue on uint8 HWC images.
+
+    brightness, contrast, saturation, hue: per-sample scalars (CPU nodes), hue in turns (-0.5..0.5). order: None
+    (brightness, contrast, saturation, hue in this order; a plain graph) or a per-sample (4,) node of
+    augment.JITTER_OPS indices, applied in that order (ColorJitter's fn_idx); it needs a pipeline with
+    enable_conditionals=True: step s runs, on each sample, only the op order[s] selects.
+
+    Brightness and contrast are one brightness_contrast each (contrast pivots on the mean grey level, as
+    torchvision's, not on 128); saturation blends with the luma in DALI's colour twist; hue turns in HSV, as
+    torchvision's (hsv_hue). Each rounds to uint8 once, as torchvision's ops do.
+    """
+    factors = (brightness, contrast, saturation, hue)
+    if order is None:
+        for op in range(4):
+            images = _jitter_op(images, op, factors, device)
+        return images
+    for step in range(4):
+        op = order[step]
+        if op == 0:
+            images = _jitter_op(images, 0, factors, device)
+        elif op == 1:
+            images = _jitter_op(images, 1, factors, device)
+        elif op == 2:
+            images = _jitter_op(images, 2, factors, device)
+        else:
+            images = _jitter_op(images, 3, factors, device)
+    return images
 
 
 def _normalize(images, mean, std, dtype: torch.dtype, **crop):
@@ -111,15 +187,26 @@ def build_multicrop_pipeline(cfg: MultiCropConfig, batch_size: int, *, device: s
 
     interp = types.INTERP_CUBIC if cfg.interpolation == "bicubic" else types.INTERP_LINEAR
     solarize_lut = [255 - k if k >= cfg.solarize_threshold else k for k in range(256)]
-    jitter = any(cfg.color_jitter) and cfg.color_jitter_p > 0 or cfg.grayscale_p > 0
+    jitter = any(cfg.color_jitter) and cfg.color_jitter_p > 0
+    grayscale = cfg.grayscale_p > 0
 
     def view(images, p, v):
         size = cfg.view_size(v)
         out = fn.resize(images, roi_start=p[A.P_Y0:A.P_X0 + 1], roi_end=p[A.P_Y1:A.P_X1 + 1], size=[size, size],
                         interp_type=interp, antialias=True)
         if jitter:
-            out = color_jitter(out, p[A.P_BRIGHT], p[A.P_CONTRAST], p[A.P_SAT] * (1.0 - p[A.P_GRAY]), p[A.P_HUE],
-                               device)
+            factors = p[A.P_BRIGHT], p[A.P_CONTRAST], p[A.P_SAT], p[A.P_HUE]
+            # The 1 - color_jitter_p crops drawn without jitter skip it (identity factors).
+            if (factors[0] != 1.0) | (factors[1] != 1.0) | (factors[2] != 1.0) | (factors[3] != 0.0):
+                out = color_jitter(out, *factors, device, order=p[A.P_ORDER:A.P_ORDER + 4])
+            else:
+                out = out
+        if grayscale:
+            if p[A.P_GRAY] > 0.5:  # RandomGrayscale, after the jitter
+                grey = fn.color_space_conversion(out, image_type=types.RGB, output_type=types.GRAY)
+                out = fn.cat(grey, grey, grey, axis=2)
+            else:
+                out = out
         if cfg.blur_p(v) >= 1.0:
             out = fn.gaussian_blur(out, sigma=p[A.P_SIGMA], window_size=cfg.blur_kernel_size)
         elif cfg.blur_p(v) > 0.0:
@@ -176,8 +263,14 @@ def center_crop_box(h: int, w: int, resize_size: int, image_size: int) -> tuple[
 class _DaliBase(ShardLoader):
     """Streams (epoch, batch) positions through a DALI pipeline, `prefetch` batches ahead, across epoch ends.
 
-    Subclasses give `_build()`, `_inputs(epoch, ids)` -> {external source name: list of arrays} and
-    `_outputs(dali outputs, ids)` -> batch dict.
+    The external sources' inputs (sample reads, index parsing, header checks, crop parameters) are prepared by the
+    background feeder (loader.ReadAhead: `read_threads` threads, `read_ahead` batches beyond DALI's `prefetch`),
+    not on the training thread. DALI's decoder cannot skip a sample: bad ones are replaced before feeding (see
+    loader.BatchReader); where DALI still fails on a batch, its samples that PIL cannot decode are remembered as bad
+    and the batch is fed again (on_error="skip"), or ShardError names the first (on_error="raise").
+
+    Subclasses give `_build()`, `_inputs(epoch, ids)` -> ({external source name: list of arrays}, samples used,
+    bad samples met) and `_outputs(dali outputs, samples used)` -> batch dict.
     """
 
     _fallback: type
@@ -213,19 +306,31 @@ class _DaliBase(ShardLoader):
         self.dtype = resolve_dtype(dtype)
         self.hw_decoder_load = hw_decoder_load
         self._pipe = None
-        self._inflight: deque = deque()  # (epoch, batch, ids) scheduled, oldest first
-        self._next = (0, 0)  # the (epoch, batch) to schedule next
+        self._inflight: deque = deque()  # (epoch, batch, samples used, bad samples met) scheduled, oldest first
+        self._feeder: ReadAhead | None = None  # prepares the inputs of the batches after the scheduled ones
 
-    def _advance(self, epoch: int, b: int) -> tuple[int, int]:
+    def _advance(self, position: tuple[int, int]) -> tuple[int, int]:
+        epoch, b = position
         return (epoch, b + 1) if b + 1 < len(self) else (epoch + 1, 0)
 
+    def _prepare(self, position: tuple[int, int]):
+        """On a feeder thread: the inputs of batch b of `epoch`, the samples they hold and the bad ones met."""
+        epoch, b = position
+        return self._inputs(epoch, self.batch_ids(epoch, b))
+
     def _feed(self) -> None:
-        epoch, b = self._next
-        ids = self.batch_ids(epoch, b)
-        for name, data in self._inputs(epoch, ids).items():
+        (epoch, b), (inputs, used, bad) = next(self._feeder)  # re-raises what the feeder thread raised
+        for name, data in inputs.items():
             self._pipe.feed_input(name, data)
-        self._inflight.append((epoch, b, ids))
-        self._next = self._advance(epoch, b)
+        self._inflight.append((epoch, b, used, bad))
+
+    def close(self, wait: bool = True) -> None:
+        if getattr(self, "_feeder", None) is not None:  # also from __del__ of a loader whose __init__ failed
+            self._feeder.close(wait)
+            self._feeder = None
+
+    def __del__(self):
+        self.close(wait=False)
 
     def _restart(self, epoch: int, start: int) -> None:
         """Schedule batches from (epoch, start): drain what is in flight (cheaper than a rebuild) or build."""
@@ -240,7 +345,9 @@ class _DaliBase(ShardLoader):
         self._inflight = deque()
         if self._pipe is None:
             self._pipe = self._build()
-        self._next = (epoch, start)
+        self.close()
+        self._feeder = ReadAhead(self._prepare, (epoch, start), self._advance, depth=self.prefetch + self.read_ahead,
+                                 threads=self.read_threads)
         for _ in range(self.prefetch):
             self._feed()
         for _ in range(runs):
@@ -250,26 +357,42 @@ class _DaliBase(ShardLoader):
         if self._pipe is None or not self._inflight or self._inflight[0][:2] != (epoch, start):
             self._restart(epoch, start)
         stream = torch.cuda.current_stream(self._pipe.device_id) if self.device == "gpu" else None
-        for _ in range(start, len(self)):
+        b = start
+        while b < len(self):
             try:
                 outs = self._pipe.outputs(cuda_stream=stream)
             except RuntimeError as e:
-                ids = self._inflight[0][2]
-                self._pipe, self._inflight = None, deque()
-                raise self._decode_error(ids, e) from e
-            ids = self._inflight.popleft()[2]
-            batch = self._outputs(outs, ids)
+                self._recover(e)  # raises, or marks the samples DALI failed on and feeds the batch again
+                continue
+            _, _, used, bad = self._inflight.popleft()
+            batch = self._outputs(outs, used)
             self._feed()
             self._pipe.schedule_run()
+            self._account(epoch, bad)
+            b += 1
             yield batch
 
-    def _decode_error(self, ids, error: Exception) -> Exception:
-        for i in ids:
-            reason = check_decodes(self.reader.image(int(i)))
+    def _recover(self, error: Exception) -> None:
+        """DALI failed on the oldest scheduled batch: find its samples PIL cannot decode; none -> RuntimeError (a DALI
+        problem, not the data's); on_error="raise" -> ShardError naming the first; else remember them as bad and
+        restart at that batch, which re-reads it with them replaced."""
+        epoch, b, used, _ = self._inflight[0]
+        self._pipe, self._inflight = None, deque()
+        self.close()
+        found = {}
+        for i in (int(i) for i in used):
+            reason = check_decodes(self.reader.image(i))
             if reason:
-                return ShardError(f"{self.table.where(int(i))}: undecodable image ({reason})")
-        keys = ", ".join(self.table.key(int(i)) for i in ids[:8])
-        return RuntimeError(f"DALI failed on a batch of samples {keys}{' ...' if len(ids) > 8 else ''}: {error}")
+                found[i] = f"undecodable image ({reason})"
+        if not found:
+            keys = ", ".join(self.table.key(int(i)) for i in used[:8])
+            raise RuntimeError(f"DALI failed on a batch of samples {keys}{' ...' if len(used) > 8 else ''}: "
+                               f"{error}") from error
+        if self.on_error == "raise":
+            i, reason = next(iter(found.items()))
+            raise ShardError(f"{self.table.where(i)}: {reason}") from error
+        self.batch_reader.known_bad.update(found)
+        self._restart(epoch, b)
 
     def _to_torch(self, outputs, n: int, size: int, target: torch.Tensor | None = None) -> torch.Tensor:
         """Concatenate DALI outputs (each a batch of (3, size, size)) into one (sum of batches, 3, size, size)
@@ -307,13 +430,17 @@ class MultiCropLoader(_DaliBase):
     def __init__(self, shards, batch_size: int, *, device: str = "auto", augment: MultiCropConfig | None = None,
                  seed: int = 0, shard_id: int | None = None, num_shards: int | None = None, num_threads: int = 4,
                  drop_last: bool = True, shuffle: bool = True, dtype=torch.float32, device_id: int | None = None,
-                 prefetch: int = 2, hw_decoder_load: float = 0.65, allow_fallback: bool = False):
+                 prefetch: int = 2, hw_decoder_load: float = 0.65, allow_fallback: bool = False,
+                 on_error: str = "skip", max_bad_fraction: float = 0.01, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 read_order: str = "random", shuffle_buffer: int = 10_000, read_ahead: int = 2, read_threads: int = 2):
         # allow_fallback is read by __new__ (where DALI is missing); here DALI is present and it changes nothing.
         super().__init__(shards, batch_size, device=device, device_id=device_id, num_threads=num_threads,
                          prefetch=prefetch, dtype=dtype, hw_decoder_load=hw_decoder_load, seed=seed, shard_id=shard_id,
-                         num_shards=num_shards, shuffle=shuffle, drop_last=drop_last)
+                         num_shards=num_shards, shuffle=shuffle, drop_last=drop_last, on_error=on_error,
+                         max_bad_fraction=max_bad_fraction, max_image_pixels=max_image_pixels, read_order=read_order,
+                         shuffle_buffer=shuffle_buffer, read_ahead=read_ahead, read_threads=read_threads)
         self.augment = augment or MultiCropConfig()
-        self._source = MultiCropSource(self.reader, self.augment, self.seed)
+        self._source = MultiCropSource(self.batch_reader, self.augment, self.seed)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -325,10 +452,10 @@ class MultiCropLoader(_DaliBase):
                                         num_threads=self.num_threads, prefetch=self.prefetch, dtype=self.dtype,
                                         hw_decoder_load=self.hw_decoder_load)
 
-    def _inputs(self, epoch: int, ids) -> dict:
-        data = self._source.encoded(ids)
-        params = self._source.params(epoch, ids, self._source.sizes(ids, data))
-        return {"encoded": data, "params": list(params)}
+    def _inputs(self, epoch: int, ids):
+        used, data, sizes, _, bad = self.batch_reader.read(epoch, ids)
+        params = self._source.params(epoch, ids, sizes)  # a replaced slot keeps its crops, on its new image's size
+        return {"encoded": data, "params": list(params)}, used, bad
 
     def _outputs(self, outs, ids) -> dict:
         cfg, n = self.augment, len(ids)
@@ -355,11 +482,14 @@ class EvalLoader(_DaliBase):
                  shard_id: int | None = None, num_shards: int | None = None, num_threads: int = 4,
                  mean=MultiCropConfig.mean, std=MultiCropConfig.std, interpolation: str = "bicubic",
                  dtype=torch.float32, device_id: int | None = None, prefetch: int = 2, hw_decoder_load: float = 0.65,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, on_error: str = "raise", max_bad_fraction: float = 0.01,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, read_ahead: int = 2, read_threads: int = 2):
         # allow_fallback: see MultiCropLoader.__init__.
         super().__init__(shards, batch_size, device=device, device_id=device_id, num_threads=num_threads,
                          prefetch=prefetch, dtype=dtype, hw_decoder_load=hw_decoder_load, shard_id=shard_id,
-                         num_shards=num_shards, shuffle=False, drop_last=False)
+                         num_shards=num_shards, shuffle=False, drop_last=False, on_error=on_error,
+                         max_bad_fraction=max_bad_fraction, max_image_pixels=max_image_pixels, read_ahead=read_ahead,
+                         read_threads=read_threads)
         if not 0 < image_size <= resize_size:
             raise ValueError(f"need 0 < image_size <= resize_size, got {image_size}, {resize_size}")
         self.image_size, self.resize_size, self.mean, self.std = image_size, resize_size, mean, std
@@ -371,11 +501,10 @@ class EvalLoader(_DaliBase):
                                    num_threads=self.num_threads, prefetch=self.prefetch, dtype=self.dtype,
                                    hw_decoder_load=self.hw_decoder_load)
 
-    def _inputs(self, epoch: int, ids) -> dict:
-        data = [self.reader.image(int(i)) for i in ids]
-        sizes = [decoded_size(d, self.table.where(int(i))) for i, d in zip(ids, data, strict=True)]
+    def _inputs(self, epoch: int, ids):
+        used, data, sizes, _, bad = self.batch_reader.read(epoch, ids)
         boxes = [np.array(center_crop_box(h, w, self.resize_size, self.image_size), np.float32) for h, w in sizes]
-        return {"encoded": data, "roi": boxes}
+        return {"encoded": data, "roi": boxes}, used, bad
 
     def _outputs(self, outs, ids) -> dict:
         return {"images": self._to_torch(outs, len(ids), self.image_size), "labels": self._labels(ids)}

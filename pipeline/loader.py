@@ -1,20 +1,32 @@
-"""What the DALI and torchvision loaders share: sample order per epoch and rank, position, resume state.
+"""What the DALI and torchvision loaders share: sample order per epoch and rank, position, resume state, reading
+samples (bad ones skipped or raised), and the background feeder that reads ahead.
 
-Order: epoch e visits a permutation of all N samples drawn from (seed, e) (or 0..N-1 unshuffled);
-rank r of R takes every R-th sample of it (unshuffled: the r-th contiguous block, for sequential
-reads). With drop_last every rank gets floor(N / R) samples cut into floor(. / B) full batches, so
-all ranks run the same number of steps; without it every sample is seen exactly once per epoch.
+Order, read_order="random": epoch e visits a permutation of all N samples drawn from (seed, e) (or 0..N-1
+unshuffled); rank r of R takes every R-th sample of it (unshuffled: the r-th contiguous block). read_order=
+"sequential" (for network storage): the shards in an order drawn from (seed, e), their samples in file order,
+rank r takes the r-th contiguous block of that sequence (so it reads whole shards, one after another) and
+shuffles it within windows of `shuffle_buffer` samples. With drop_last every rank gets floor(N / R) samples cut
+into floor(. / B) full batches, so all ranks run the same number of steps; without it every sample is seen
+exactly once per epoch.
+
+Bad samples: a sample whose image does not read (see `BatchReader`) is skipped (on_error="skip") or raises
+ShardError naming shard and key (on_error="raise"). A skipped sample i of epoch e is replaced by the first good one
+of j_k = hash(seed, e, i, k) mod N, k = 1, 2, ...: its slot gets j_k's image and label, and the crops drawn for i,
+so batches stay full and the choice depends only on (seed, epoch, sample) and the data, as the crops do: a resumed
+run, another batch size or rank count replaces it the same way.
 """
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from dinotron.pipeline.augment import MultiCropConfig, sample_params
-from dinotron.pipeline.shards import SampleReader, SampleTable, decoded_size
+from dinotron.pipeline.shards import MAX_IMAGE_PIXELS, SampleReader, SampleTable, ShardError, inspect_image
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +44,18 @@ def resolve_rank(shard_id: int | None, num_shards: int | None) -> tuple[int, int
     if num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
     return shard_id, num_shards
+
+
+class TooManyBadSamples(ShardError):
+    """More of a rank's samples of one epoch were bad than max_bad_fraction allows."""
+
+
+ON_ERROR = ("skip", "raise")
+READ_ORDERS = ("random", "sequential")
+# Replacement candidates tried for one bad sample before giving up: with a bad fraction f under max_bad_fraction
+# (0.01 by default) all of them are bad with probability f^16, never in practice; a dataset where it happens is
+# mostly bad.
+MAX_REPLACEMENTS = 16
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -55,15 +79,38 @@ class ShardLoader:
     fallback_reason: str | None = None
 
     def __init__(self, shards, batch_size: int, *, seed: int = 0, shard_id: int | None = None,
-                 num_shards: int | None = None, shuffle: bool = True, drop_last: bool = True):
+                 num_shards: int | None = None, shuffle: bool = True, drop_last: bool = True, on_error: str = "skip",
+                 max_bad_fraction: float = 0.01, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 read_order: str = "random", shuffle_buffer: int = 10_000, read_ahead: int = 2, read_threads: int = 2):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if not 1 <= max_image_pixels <= MAX_IMAGE_PIXELS:
+            raise ValueError(f"max_image_pixels must be in [1, {MAX_IMAGE_PIXELS}] (PIL refuses larger images), got "
+                             f"{max_image_pixels}")
+        if read_order not in READ_ORDERS:
+            raise ValueError(f"read_order must be 'random' or 'sequential', got {read_order!r}")
+        if shuffle_buffer < 1 or read_ahead < 1 or read_threads < 1:
+            raise ValueError(f"shuffle_buffer, read_ahead and read_threads must be >= 1, got {shuffle_buffer}, "
+                             f"{read_ahead}, {read_threads}")
         self.table = SampleTable.from_shards(shards)
-        self.reader = SampleReader(self.table)
+        self.reader = SampleReader(self.table, sequential=read_order == "sequential")
         self.batch_size = batch_size
         self.seed = int(seed)
         self.shard_id, self.num_shards = resolve_rank(shard_id, num_shards)
         self.shuffle, self.drop_last = shuffle, drop_last
+        self.read_order, self.shuffle_buffer = read_order, shuffle_buffer
+        self.read_ahead, self.read_threads = read_ahead, read_threads
+        self.on_error, self.max_bad_fraction = on_error, max_bad_fraction
+        self.batch_reader = BatchReader(self.reader, seed=self.seed, on_error=on_error,
+                                        max_image_pixels=max_image_pixels)
+        self.bad_counts: dict[str, int] = {}  # {shard: distinct bad samples met}, by this process
+        self.bad_in_epoch = 0  # bad samples met in self._bad_epoch's consumed batches (what max_bad_fraction caps)
+        self._bad_epoch = 0
+        self._bad_seen: set[int] = set()
         self.epoch, self.position = 0, 0
         self._order_cache: tuple[int, np.ndarray] | None = None
         if len(self) == 0:
@@ -88,7 +135,9 @@ class ShardLoader:
         if self._order_cache is not None and self._order_cache[0] == epoch:
             return self._order_cache[1]
         n, r, k = len(self.table), self.num_shards, self.shard_id
-        if self.shuffle:
+        if self.read_order == "sequential":
+            order = self._sequential_order(epoch)
+        elif self.shuffle:
             # permutation(n) is shuffle(arange(n)): the same draws whatever the dtype, so int32 halves the transient
             # (568 MB at N = 142M), and the rank's copy below frees it (the order is still one for every R).
             order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
@@ -102,6 +151,26 @@ class ShardLoader:
         self._order_cache = (epoch, order)
         return order
 
+    def _sequential_order(self, epoch: int) -> np.ndarray:
+        """Block k of the samples of the shards in an order drawn from (seed, epoch) (file order unshuffled), each
+        window of shuffle_buffer samples permuted by (seed, epoch, rank). O(S + N / R)."""
+        n, r, k, counts = len(self.table), self.num_shards, self.shard_id, self.table.counts
+        perm = np.arange(len(counts))
+        if self.shuffle:
+            np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, 0x5E9]).shuffle(perm)
+        lo = k * (n // r) + (0 if self.drop_last else min(k, n % r))
+        hi = lo + n // r + (0 if self.drop_last or k >= n % r else 1)
+        ends = np.cumsum(counts[perm])  # end of each shard of the sequence
+        first, last = int(np.searchsorted(ends, lo, side="right")), int(np.searchsorted(ends, hi, side="left"))
+        parts = [np.arange(self.table.starts[s], self.table.starts[s + 1]) for s in perm[first:last + 1]]
+        skip = lo - (int(ends[first - 1]) if first else 0)
+        order = np.concatenate(parts)[skip:skip + hi - lo].astype(np.int64)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, k, 0xB0F])
+            for w in range(0, len(order), self.shuffle_buffer):
+                rng.shuffle(order[w:w + self.shuffle_buffer])
+        return order
+
     def batch_ids(self, epoch: int, b: int) -> np.ndarray:
         return self.epoch_order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
 
@@ -112,7 +181,8 @@ class ShardLoader:
     def state_dict(self) -> dict:
         """{"epoch", "position" (batches consumed in the epoch), ...}: enough to resume exactly."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_samples": len(self.table),
-                "batch_size": self.batch_size, "num_shards": self.num_shards}
+                "batch_size": self.batch_size, "num_shards": self.num_shards, "read_order": self.read_order,
+                "bad_in_epoch": self.bad_in_epoch if self._bad_epoch == self.epoch else 0}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was taken: the next batch is the one an uninterrupted run would yield next."""
@@ -127,9 +197,13 @@ class ShardLoader:
             log.warning("resuming with batch size %d x %d ranks instead of %d x %d: continuing at batch %d of epoch "
                         "%d (samples of the interrupted epoch may repeat or be skipped)", self.batch_size,
                         self.num_shards, state["batch_size"], state["num_shards"], position, epoch)
-        self.seed = int(state.get("seed", self.seed))
+        if state.get("read_order", self.read_order) != self.read_order:
+            log.warning("resuming with read_order=%s instead of %s: the rest of epoch %d follows the new order "
+                        "(samples of it may repeat or be skipped)", self.read_order, state["read_order"], epoch)
+        self.seed = self.batch_reader.seed = int(state.get("seed", self.seed))
         self._order_cache = None
         self.epoch, self.position = epoch, min(position, len(self))
+        self._bad_epoch, self.bad_in_epoch = epoch, int(state.get("bad_in_epoch", 0))
 
     def __iter__(self):
         """One epoch from the current position. An epoch that was already exhausted moves on to the next one."""
@@ -142,20 +216,141 @@ class ShardLoader:
     def _batches(self, epoch: int, start: int):
         raise NotImplementedError
 
+    def _account(self, epoch: int, bad: list[tuple[int, str]]) -> None:
+        """Count and log (once per sample and process) the bad samples `bad` [(sample, reason)] that a batch of
+        `epoch` about to be yielded met; TooManyBadSamples where the epoch's count passes max_bad_fraction."""
+        if epoch != self._bad_epoch:
+            self._bad_epoch, self.bad_in_epoch = epoch, 0
+        for i, reason in bad:
+            self.bad_in_epoch += 1
+            if i not in self._bad_seen:
+                self._bad_seen.add(i)
+                shard = self.table.shards[self.table.locate(i)[0]]
+                self.bad_counts[shard] = self.bad_counts.get(shard, 0) + 1
+                log.warning("skipping a bad sample (on_error=skip): %s: %s", self.table.where(i), reason)
+        if bad and self.bad_in_epoch > self.max_bad_fraction * self.num_samples():
+            i, reason = bad[-1]
+            raise TooManyBadSamples(
+                f"{self.bad_in_epoch} bad samples in epoch {epoch} on rank {self.shard_id}, more than "
+                f"max_bad_fraction={self.max_bad_fraction} of its {self.num_samples()} samples (data.max_bad_fraction);"
+                f" the last: {self.table.where(i)}: {reason}. List them all with `dinotron check-shards`, then fix "
+                "or drop the shards, or raise the limit")
+
+    def close(self, wait: bool = True) -> None:
+        """Stop background reading; the loader can still be iterated (it starts again)."""
+
+
+class BatchReader:
+    """Reads the samples of a batch, replacing or raising on bad ones (see the module docstring); picklable.
+
+    A sample is bad where its image is over `max_image_pixels`, is not an image, is a JPEG cut short (see
+    shards.inspect_image: from the header, before any decoding), or fails the loader's decoder: `decode` for the
+    torchvision loaders, and for DALI a sample of a failed batch that PIL cannot decode, remembered in `known_bad`.
+    """
+
+    def __init__(self, reader: SampleReader, *, seed: int, on_error: str, max_image_pixels: int):
+        self.reader, self.seed, self.on_error, self.max_image_pixels = reader, seed, on_error, max_image_pixels
+        self.known_bad: dict[int, str] = {}  # sample -> reason, found by the consumer (DALI's decoder failing)
+
+    def __getstate__(self):
+        return {**self.__dict__, "known_bad": {}}
+
+    def replacement(self, epoch: int, i: int, k: int) -> int:
+        """The k-th candidate (k >= 1) to replace sample i in `epoch`: uniform over all samples, from (seed, epoch,
+        i, k) alone."""
+        key = [self.seed & 0xFFFFFFFF, epoch, i, k, 0xBAD]
+        return int(np.random.default_rng(key).integers(len(self.reader.table)))
+
+    def read(self, epoch: int, ids, decode=None):
+        """(used, data, sizes, decoded, bad) for the samples `ids` of `epoch`: used[j] is the sample filling slot j
+        (ids[j], or its replacement), data[j] its encoded image (uint8 array, a copy: reading it is done here),
+        sizes[j] its (height, width), decoded[j] decode(data[j], where) (None without `decode`, which raises
+        ShardError on a bad image), bad [(sample, reason)] the bad samples met. ShardError naming shard and key at
+        the first bad sample with on_error="raise"."""
+        used, data, sizes, decoded, bad = [], [], [], [], []
+        table = self.reader.table
+        for i in (int(i) for i in ids):
+            candidate = i
+            for k in range(1, MAX_REPLACEMENTS + 2):
+                raw = np.frombuffer(self.reader.image(candidate).tobytes(), np.uint8)
+                size, reason = inspect_image(raw, self.max_image_pixels)
+                reason = reason or self.known_bad.get(candidate)
+                image = None
+                if reason is None and decode is not None:
+                    try:
+                        image = decode(raw, table.where(candidate))
+                    except ShardError as e:
+                        reason = str(e).removeprefix(table.where(candidate) + ": ")
+                if reason is None:
+                    break
+                if self.on_error == "raise":
+                    raise ShardError(f"{table.where(candidate)}: {reason}")
+                bad.append((candidate, reason))
+                candidate = self.replacement(epoch, i, k)
+            else:
+                raise ShardError(f"{table.where(i)} and {MAX_REPLACEMENTS} replacements for it are all bad (the last: "
+                                 f"{table.where(bad[-1][0])}: {bad[-1][1]}): most of the data is unreadable")
+            used.append(candidate)
+            data.append(raw)
+            sizes.append(size)
+            decoded.append(image)
+        return np.array(used, np.int64), data, sizes, decoded, bad
+
+
+class ReadAhead:
+    """A background feeder: fn(position) for `first` and the positions after it (advance(position) -> the next, or
+    None at the end) on `threads` threads, at most `depth` of them ahead of the consumer (a bounded queue).
+
+    next() -> (position, fn's result) in order, blocking until it is ready, and re-raises there what fn raised (on
+    the consumer's thread, with its traceback). close() cancels what has not started and waits for what has.
+    """
+
+    def __init__(self, fn, first, advance, *, depth: int, threads: int):
+        self.fn, self.advance, self.depth = fn, advance, depth
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dinotron-read")
+        self._queue: deque = deque()
+        self._next = first
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._next is not None and len(self._queue) < self.depth:
+            self._queue.append((self._next, self._pool.submit(self.fn, self._next)))
+            self._next = self.advance(self._next)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._queue:
+            raise StopIteration
+        position, future = self._queue.popleft()
+        try:
+            result = future.result()
+        except BaseException:
+            self.close()
+            raise
+        self._fill()
+        return position, result
+
+    def close(self, wait: bool = True) -> None:
+        """Cancel the queued work; with `wait`, return once the running calls have ended (wait=False from a
+        finaliser, which may run on a feeder thread)."""
+        for _, future in self._queue:
+            future.cancel()
+        self._queue.clear()
+        self._next = None
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
 
 class MultiCropSource:
     """Encoded images, their augmentation parameters and labels for a batch of sample ids (picklable)."""
 
-    def __init__(self, reader: SampleReader, augment: MultiCropConfig, seed: int):
-        self.reader, self.augment, self.seed = reader, augment, seed
-
-    def encoded(self, ids) -> list[bytes]:
-        return [self.reader.image(int(i)) for i in ids]
+    def __init__(self, batch_reader: BatchReader, augment: MultiCropConfig, seed: int):
+        self.batch_reader, self.augment, self.seed = batch_reader, augment, seed
+        self.reader = batch_reader.reader
 
     def params(self, epoch: int, ids, sizes) -> np.ndarray:
-        """(len(ids), n_views, N_PARAMS) float32; sizes: [(height, width)]."""
+        """(len(ids), n_views, N_PARAMS) float32 for the slots of sample `ids` (a replaced sample's slot keeps its
+        crops); sizes: [(height, width)] of the images that fill them."""
         hw = np.asarray(sizes, np.int64).reshape(-1, 2)
         return sample_params(self.augment, self.seed, epoch, ids, hw[:, 0], hw[:, 1])
-
-    def sizes(self, ids, data: list[bytes]) -> list[tuple[int, int]]:
-        return [decoded_size(d, self.reader.table.where(int(i))) for i, d in zip(ids, data, strict=True)]

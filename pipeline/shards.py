@@ -23,6 +23,7 @@ import os
 import random
 import re
 import tarfile
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +37,7 @@ LABEL_EXT = "cls"
 INDEX_VERSION = "v1.2"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dinotron-shards-1"
+CLASSES = "classes.json"  # make-shards' class map, {class name: id}, beside the shards
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +100,23 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def scan_tar(shard: str) -> list[list[tuple[str, int, int, str]]]:
-    """Samples of a tar by reading its headers: [[(ext, data offset, size, member name), ...], ...]."""
+    """Samples of a tar by reading its headers: [[(ext, data offset, size, member name), ...], ...].
+
+    tarfile ends its member list silently at the first header it cannot read past the first one (a bad checksum,
+    a header overwritten with zeros), so a corrupted tar would read as a short one. Here whatever follows the last
+    member must be the end-of-archive zero blocks: ShardError naming the shard, the byte offset and the member
+    number otherwise, and where the file ends inside a member (a truncated tar).
+    """
+    size = os.path.getsize(shard)
     try:
-        with tarfile.open(shard, "r:") as tar:
-            samples, last = [], None
+        with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            samples, last, members, previous = [], None, 0, None
             for member in tar:
+                members, previous = members + 1, member.name
+                if member.offset_data + member.size > size:
+                    raise ShardError(f"{shard}: truncated tar: member {members} ({member.name!r}, header at byte "
+                                     f"{member.offset}) needs {member.offset_data + member.size} bytes, the file has "
+                                     f"{size}")
                 if not member.isreg():
                     continue
                 key, ext = split_name(member.name)
@@ -112,9 +126,39 @@ def scan_tar(shard: str) -> list[list[tuple[str, int, int, str]]]:
                     samples.append([])
                     last = key
                 samples[-1].append((ext, member.offset_data, member.size, member.name))
+            problem = _tail_problem(f, tar.offset, size)
     except (tarfile.TarError, OSError) as e:
         raise ShardError(f"{shard}: not a readable uncompressed tar ({e})") from e
+    if problem:
+        after = f"after member {members} ({previous!r})" if previous else "before any member"
+        raise ShardError(f"{shard}: corrupt tar: {problem}, {after}; the members from there on are unreadable "
+                         "(rewrite the shard)")
     return samples
+
+
+def _tail_problem(f, end: int, size: int) -> str | None:
+    """None where the bytes of `f` from `end` (where tarfile stopped reading headers) to `size` are all zero, else
+    what is there: an unreadable header, or data after an all-zero block (a header zeroed, or tars concatenated)."""
+    f.seek(end)
+    block = f.read(tarfile.BLOCKSIZE)
+    if block.strip(b"\0"):
+        try:
+            tarfile.TarInfo.frombuf(block.ljust(tarfile.BLOCKSIZE, b"\0"), tarfile.ENCODING, "surrogateescape")
+            reason = "not a tar header"
+        except tarfile.HeaderError as e:
+            reason = str(e)
+        return f"unreadable member header at byte {end} ({reason})"
+    pos = end + len(block)
+    while pos < size:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            break
+        nonzero = len(chunk) - len(chunk.lstrip(b"\0"))
+        if nonzero < len(chunk):
+            return (f"data at byte {pos + nonzero} after an all-zero block at byte {end} (a member header overwritten "
+                    "with zeros, or tars concatenated)")
+        pos += len(chunk)
+    return None
 
 
 def write_index(shard: str, samples=None) -> str:
@@ -255,12 +299,13 @@ class SampleTable:
         self.max_cached_shards = max_cached_shards
         self.labelled = False  # set by from_shards: whether samples carry a .cls label (all of them, or none)
         self._cache: OrderedDict[int, _IndexLines | list] = OrderedDict()
+        self._lock = threading.Lock()  # the cache is shared by the background feeder's threads
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _cache=OrderedDict())
+        self.__dict__.update(state, _cache=OrderedDict(), _lock=threading.Lock())
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -350,20 +395,30 @@ class SampleTable:
             self._checked_sample(s, j)
 
     def _components(self, s: int, j: int) -> list[tuple[str, int, int, str]]:
-        """Sample j of shard s as [(ext, offset, size, member name), ...], loading the shard's index on a miss."""
-        samples = self._cache.get(s)
+        """Sample j of shard s as [(ext, offset, size, member name), ...], loading the shard's index on a miss.
+        Thread-safe: the index is read outside the lock, so threads missing different shards read them at once."""
+        with self._lock:
+            samples = self._cache.get(s)
+            if samples is not None:
+                self._cache.move_to_end(s)
         if samples is None:
-            if len(self._cache) >= self.max_cached_shards:
-                self._cache.popitem(last=False)
             samples = _IndexLines.read(self.shards[s])
-            samples = self._cache[s] = self._counted(s, scan_tar(self.shards[s]) if samples is None else samples)
-        else:
-            self._cache.move_to_end(s)
+            samples = self._store(s, self._counted(s, scan_tar(self.shards[s]) if samples is None else samples))
         comps = samples[j]
         if comps is None:  # a line read_index would reject, which makes its callers read the tar: so do we
-            samples = self._cache[s] = self._counted(s, scan_tar(self.shards[s]))
+            samples = self._store(s, self._counted(s, scan_tar(self.shards[s])), replace=True)
             comps = samples[j]
         return comps
+
+    def _store(self, s: int, samples, replace: bool = False):
+        with self._lock:
+            if s in self._cache and not replace:  # another thread read it meanwhile
+                self._cache.move_to_end(s)
+                return self._cache[s]
+            if s not in self._cache and len(self._cache) >= self.max_cached_shards:
+                self._cache.popitem(last=False)
+            self._cache[s] = samples
+            return samples
 
     def _counted(self, s: int, samples):
         if len(samples) != self.counts[s]:
@@ -377,27 +432,34 @@ class SampleTable:
 class SampleReader:
     """Reads image bytes (zero-copy views of memory-mapped shards) and labels of a SampleTable; picklable."""
 
-    def __init__(self, table: SampleTable, max_open: int = 256):
+    def __init__(self, table: SampleTable, max_open: int = 256, sequential: bool = False):
         self.table = table
         self.max_open = max_open
+        self.sequential = sequential  # whole shards are read in order: ask the kernel to read each ahead when mapped
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"table": self.table, "max_open": self.max_open}
+        return {"table": self.table, "max_open": self.max_open, "sequential": self.sequential}
 
     def __setstate__(self, state):
-        self.__init__(state["table"], state["max_open"])
+        self.__init__(state["table"], state["max_open"], state.get("sequential", False))
 
     def _map(self, s: int) -> np.ndarray:
-        m = self._maps.get(s)
-        if m is None:
-            if len(self._maps) >= self.max_open:  # unmapped once the last view of it is gone
-                self._maps.popitem(last=False)
-            with open(self.table.shards[s], "rb") as f:
-                m = self._maps[s] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
-        else:
-            self._maps.move_to_end(s)
-        return m
+        with self._lock:
+            m = self._maps.get(s)
+            if m is None:
+                if len(self._maps) >= self.max_open:  # unmapped once the last view of it is gone
+                    self._maps.popitem(last=False)
+                with open(self.table.shards[s], "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                if self.sequential and hasattr(mmap, "MADV_WILLNEED"):  # start reading the whole shard now
+                    mm.madvise(mmap.MADV_SEQUENTIAL)
+                    mm.madvise(mmap.MADV_WILLNEED)
+                m = self._maps[s] = np.frombuffer(mm, np.uint8)
+            else:
+                self._maps.move_to_end(s)
+            return m
 
     def _read(self, s: int, off: int, size: int, i: int) -> np.ndarray:
         data = self._map(s)[off:off + size]
@@ -464,6 +526,37 @@ def decoded_size(data, where: str) -> tuple[int, int]:
         raise ShardError(f"{where}: undecodable image ({type(e).__name__}: {e})") from e
 
 
+# The pixel limit of both loaders: PIL raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (2 x 89,478,485),
+# so the torchvision loader could not decode a larger image anyway; DALI would (a 13,500 x 13,500 JPEG, 182 Mpx, takes
+# 547 MB as RGB). Checked from the header, before decoding, by the reading code both loaders share.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+
+def inspect_image(data, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[tuple[int, int] | None, str | None]:
+    """((height, width), None) for an encoded image that may be decoded, else (size or None, why not), from its header
+    alone: not an image format PIL knows, over `max_pixels` pixels, or a JPEG without its end-of-image marker (cut
+    short). A JPEG's size comes from its SOF header, another format's from PIL's lazy open (no decoding). Costs one
+    copy of the bytes (which reads them from disk, for the background feeder) and a search of them for the marker."""
+    raw = bytes(data)
+    size = image_size(raw)
+    if size is None:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                size = im.height, im.width
+        except Image.DecompressionBombError as e:
+            return None, f"image too large ({e})"
+        except Exception as e:
+            return None, f"undecodable image ({_reason(e)})"
+    h, w = size
+    if h * w > max_pixels:
+        return size, f"image too large ({h} x {w} = {h * w:,} pixels, over max_image_pixels={max_pixels:,})"
+    if raw[:2] == b"\xff\xd8" and raw.rfind(b"\xff\xd9") < 2:
+        return size, "undecodable image (truncated JPEG: no end-of-image marker)"
+    return size, None
+
+
 def check_decodes(data) -> str | None:
     """None if PIL fully decodes `data` (bytes-like), else the reason."""
     from PIL import Image
@@ -486,8 +579,11 @@ def _reason(e: Exception) -> str:
 # make-shards
 
 
-def _list_source(src: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
-    """[(file, label)] from an ImageFolder tree (class sub-folders) or a flat folder (label -1), and the classes."""
+def _list_source(src: Path, class_map: dict[str, int] | None = None
+                 ) -> tuple[list[tuple[Path, int]], dict[str, int] | None, list[str]]:
+    """([(file, label)], {class name: id} or None, empty class folders) of an ImageFolder tree (class sub-folders;
+    ids from `class_map`, else the sorted folder names numbered 0..C-1, empty folders included) or a flat folder
+    (label -1, no map). ValueError naming the folders `class_map` does not hold."""
     if not src.exists():
         raise FileNotFoundError(f"source folder not found: {src}")
     if not src.is_dir():
@@ -497,18 +593,52 @@ def _list_source(src: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
         return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SOURCE_EXTS)
 
     flat = images(src)
-    classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     per_class = {c: sorted(p for p in (src / c).rglob("*") if p.is_file() and p.suffix.lower() in SOURCE_EXTS)
-                 for c in classes}
-    classes = [c for c in classes if per_class[c]]
+                 for c in folders}
+    classes = [c for c in folders if per_class[c]]
+    empty = [c for c in folders if not per_class[c]]
     if classes and flat:
         raise ValueError(f"{src} mixes images at the top level ({flat[0].name}, ...) with class sub-folders "
                          f"({classes[0]}, ...): use one layout")
-    if classes:
-        return [(p, label) for label, c in enumerate(classes) for p in per_class[c]], classes
-    if not flat:
-        raise ValueError(f"no images (.{', .'.join(sorted(e[1:] for e in SOURCE_EXTS))}) in {src}")
-    return [(p, -1) for p in flat], None
+    if not classes:
+        if not flat:
+            raise ValueError(f"no images (.{', .'.join(sorted(e[1:] for e in SOURCE_EXTS))}) in {src}")
+        if class_map is not None:
+            raise ValueError(f"{src} is a flat folder (no class sub-folders): it takes no class map")
+        if empty:
+            log.info("%s: flat folder; ignoring %d sub-folders without images (%s)", src, len(empty), _few(empty))
+        return [(p, -1) for p in flat], None, []
+    if class_map is None:
+        class_map = {c: k for k, c in enumerate(folders)}  # empty folders keep their ImageFolder id
+    unknown = [c for c in folders if c not in class_map]
+    if unknown:
+        raise ValueError(f"{src}: {len(unknown)} class folders are not in the class map: {_few(unknown)} (give the "
+                         "map of the split that has them, or remove the folders)")
+    if empty:
+        log.warning("%s: %d class folders hold no images and give no samples: %s", src, len(empty), _few(empty))
+    return [(p, class_map[c]) for c in classes for p in per_class[c]], class_map, empty
+
+
+def _few(names: list[str], n: int = 10) -> str:
+    return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
+
+
+def read_class_map(path) -> dict[str, int]:
+    """{class name: id} from a classes.json (as make-shards writes) or a manifest.json entry's "class_map";
+    ValueError naming the file where it is not a mapping of names to distinct non-negative ints."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise FileNotFoundError(f"class map not found: {path} ({e.strerror or e})") from e
+    except ValueError as e:
+        raise ValueError(f"{path}: not a JSON class map ({e})") from e
+    ok = isinstance(data, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in data.items())
+    if not ok or not data or len(set(data.values())) != len(data):
+        raise ValueError(f"{path}: a class map is a JSON object of class names to distinct integer ids >= 0, like "
+                         '{"cat": 0, "dog": 1}')
+    return data
 
 
 def _load_for_shard(path: Path) -> tuple[bytes | None, str | None]:
@@ -543,6 +673,14 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _class_counts(labels_written: list[int], class_map: dict[str, int]) -> dict[str, int]:
+    """{class name: samples written}, 0 for the map's classes this split lacks."""
+    per_id = dict.fromkeys(class_map.values(), 0)
+    for label in labels_written:
+        per_id[label] += 1
+    return {name: per_id[k] for name, k in class_map.items()}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -552,13 +690,20 @@ def _sha256(path: Path) -> str:
 
 
 def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shuffle_seed: int | None = 0,
-                 workers: int | None = None, progress: bool = True) -> dict:
-    """ImageFolder tree or flat folder `src` -> `out/<prefix>-000000.tar` ... + index files + manifest.json.
+                 workers: int | None = None, progress: bool = True, classes=None) -> dict:
+    """ImageFolder tree or flat folder `src` -> `out/<prefix>-000000.tar` ... + index files + manifest.json
+    (+ `out/classes.json` for a labelled tree).
 
     Every image is decoded once; JPEGs keep their bytes, other formats are re-encoded (quality 95).
     Undecodable files are skipped and listed with the reason. Samples are shuffled with `shuffle_seed`
     (None keeps the sorted order) so that every shard mixes classes. manifest.json holds one entry
     per prefix (several splits can share `out`); the entry for `prefix` is returned.
+
+    classes: the class map, {name: id} or the path of a classes.json, so that a split gets another's ids (val
+    takes train's); a class folder it does not hold is refused (ValueError naming it). Without it the sorted
+    folder names are numbered 0..C-1 (empty folders included, as torchvision's ImageFolder numbers them). The map
+    is written to `out/classes.json`; one already there that differs is refused, naming the fix. Class folders
+    without images are logged and listed in the entry's "empty_classes".
     """
     from tqdm import tqdm
 
@@ -567,7 +712,18 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shu
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
         raise ValueError(f"prefix must be letters, digits, '_', '-' or '.', got {prefix!r}")
-    files, classes = _list_source(src)
+    if classes is not None and not isinstance(classes, dict):
+        classes = read_class_map(classes)
+    files, class_map, empty = _list_source(src, classes)
+    class_file = out / CLASSES
+    if class_map is not None and class_file.exists():
+        try:
+            held = read_class_map(class_file)
+        except ValueError:
+            held = None
+        if held != class_map:
+            raise ValueError(f"{class_file} holds another class map (another split's?): pass --classes {class_file} "
+                             "so this split gets its ids, or write to another folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".{prefix}-write-test-{os.getpid()}"
@@ -586,7 +742,7 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shu
         if re.fullmatch(re.escape(prefix) + r"-\d{6}\.(tar|idx)", stale.name):
             stale.unlink()
 
-    shards, skipped, used = [], [], set()
+    shards, skipped, used, loaded_ok = [], [], set(), []
     tar, count = None, 0
     bar = tqdm(total=len(files), desc=f"make-shards {prefix}", unit="img", disable=not progress)
     try:
@@ -595,6 +751,7 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shu
             if data is None:
                 skipped.append({"path": str(path.relative_to(src)), "reason": reason})
                 continue
+            loaded_ok.append(label)
             if tar is None:
                 shards.append({"path": f"{prefix}-{len(shards):06d}.tar"})
                 tar, count = tarfile.open(out / shards[-1]["path"], "w", format=tarfile.USTAR_FORMAT), 0
@@ -630,11 +787,18 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shu
         "pattern": f"{prefix}-{{000000..{len(shards) - 1:06d}}}.tar",
         "num_samples": sum(s["count"] for s in shards),
         "shard_size": shard_size,
-        "labelled": classes is not None,
-        "classes": classes,
+        "labelled": class_map is not None,
+        # names by id; "class_map" has the ids themselves (from --classes they need not be 0..C-1)
+        "classes": None if class_map is None else sorted(class_map, key=class_map.get),
+        "class_map": class_map,
+        "class_file": None if class_map is None else CLASSES,
+        "class_counts": None if class_map is None else _class_counts(loaded_ok, class_map),
+        "empty_classes": empty,
         "shards": shards,
         "skipped": skipped,
     }
+    if class_map is not None and not class_file.exists():
+        class_file.write_text(json.dumps(class_map, indent=1) + "\n")
     manifest_path = out / MANIFEST
     manifest = {"format": MANIFEST_FORMAT, "prefixes": {}}
     if manifest_path.exists():
@@ -653,7 +817,7 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "train", *, shu
 # check-shards
 
 
-def _check_one(shard: str, decode: bool) -> tuple[list[dict], int, bool, list[list]]:
+def _check_one(shard: str, decode: bool, max_pixels: int) -> tuple[list[dict], int, bool, list[list]]:
     samples = scan_tar(shard)
     bad, labelled = [], False
     with open(shard, "rb") as f:
@@ -672,27 +836,36 @@ def _check_one(shard: str, decode: bool) -> tuple[list[dict], int, bool, list[li
                     bad.append({"shard": shard, "key": key, "problem": f".cls is not an integer ({raw[:20]!r})"})
             if decode:
                 f.seek(image[0])
-                reason = check_decodes(f.read(image[1]))
+                data = f.read(image[1])
+                _, reason = inspect_image(data, max_pixels)
+                if reason is None:
+                    reason = check_decodes(data)
+                    reason = reason and f"undecodable image ({reason})"
                 if reason:
-                    bad.append({"shard": shard, "key": key, "problem": f"undecodable image ({reason})"})
+                    bad.append({"shard": shard, "key": key, "problem": reason})
     return bad, len(samples), labelled, samples
 
 
-def check_shards(pattern, *, decode: bool = True, write_missing_index: bool = True, progress: bool = True) -> dict:
+def check_shards(pattern, *, decode: bool = True, write_missing_index: bool = True, progress: bool = True,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> dict:
     """Scan shards written by anyone (dinotron, webdataset.ShardWriter, plain tar) for bad samples.
 
     Reports samples without an image, with a non-integer .cls, missing a .cls while others have one,
-    or whose image does not decode, each with shard and key; writes missing/stale DALI index files.
-    Returns {"shards", "samples", "labelled", "bad": [{"shard", "key", "problem"}], "indexes_written"}.
+    or whose image does not decode (or is over `max_image_pixels`), each with shard and key; a corrupt tar (a
+    member header that does not read, see scan_tar) with shard and byte offset (key None); a sample count that
+    differs from the shard's index file or manifest.json entry. Writes missing and stale DALI index files (not for
+    a corrupt tar). Returns {"shards", "samples", "labelled", "bad": [{"shard", "key", "problem"}],
+    "indexes_written"}.
     """
     from tqdm import tqdm
 
     paths = expand_shards(pattern)
     report = {"shards": len(paths), "samples": 0, "labelled": False, "bad": [], "indexes_written": []}
     unlabelled: list[tuple[str, str]] = []
+    manifests: dict = {}
     for shard in tqdm(paths, desc="check-shards", unit="shard", disable=not progress):
         try:
-            bad, n, labelled, samples = _check_one(shard, decode)
+            bad, n, labelled, samples = _check_one(shard, decode, max_image_pixels)
         except ShardError as e:
             report["bad"].append({"shard": shard, "key": None, "problem": str(e)})
             continue
@@ -701,7 +874,17 @@ def check_shards(pattern, *, decode: bool = True, write_missing_index: bool = Tr
         report["labelled"] |= labelled
         unlabelled += [(shard, split_name(c[0][3])[0]) for c in samples
                        if {x[0] for x in c} & set(IMAGE_EXTS) and all(x[0] != LABEL_EXT for x in c)]
-        if write_missing_index and samples and read_index(shard) is None:
+        entry = _manifest_shards(os.path.dirname(shard), manifests).get(os.path.basename(shard), ({}, False))[0]
+        stat = os.stat(shard)
+        if (entry.get("bytes"), entry.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns) and entry.get("count") != n:
+            report["bad"].append({"shard": shard, "key": None, "problem": f"has {n} samples, its manifest.json entry "
+                                  f"says {entry.get('count')}"})
+        indexed = _index_count(shard)
+        if indexed is not None and indexed != n:
+            rewritten = " (rewritten)" if write_missing_index else ""
+            report["bad"].append({"shard": shard, "key": None,
+                                  "problem": f"has {n} samples, its index file lists {indexed}{rewritten}"})
+        if write_missing_index and samples and read_index(shard) != samples:
             try:
                 report["indexes_written"].append(write_index(shard, samples))
             except (ShardError, OSError) as e:

@@ -1,7 +1,9 @@
 """The torchvision.transforms.v2 loaders: the benchmark baseline, and what allow_fallback=True gives without DALI.
 
-Same shards, order, augmentation parameters and output as the DALI loaders; decoding and
-augmentation run in `num_threads` DataLoader worker processes, one whole batch per task.
+Same shards, order, augmentation parameters, bad-sample handling and output as the DALI loaders; reading,
+decoding and augmentation run in `num_threads` DataLoader worker processes, one whole batch per task, each worker
+`prefetch_factor` = 2 batches ahead; with num_threads=0, in the background feeder's `read_threads` threads
+(loader.ReadAhead), `read_ahead` batches ahead.
 """
 from __future__ import annotations
 
@@ -16,10 +18,14 @@ from torchvision.transforms.v2 import functional as F
 
 from dinotron.pipeline import augment as A
 from dinotron.pipeline.augment import MultiCropConfig
-from dinotron.pipeline.loader import MultiCropSource, ShardLoader, resolve_dtype
-from dinotron.pipeline.shards import ShardError, check_decodes
+from dinotron.pipeline.loader import MultiCropSource, ReadAhead, ShardLoader, resolve_dtype
+from dinotron.pipeline.shards import MAX_IMAGE_PIXELS, ShardError, check_decodes
 
 _INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+# Indexed by augment.JITTER_OPS: brightness, contrast, saturation, hue.
+_JITTER_FN = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+_JITTER_COLUMN = (A.P_BRIGHT, A.P_CONTRAST, A.P_SAT, A.P_HUE)
+_JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)
 
 
 def decode(data: np.ndarray, where: str) -> torch.Tensor:
@@ -40,14 +46,10 @@ def augment_view(img: torch.Tensor, p: np.ndarray, size: int, cfg: MultiCropConf
                          antialias=True)
     if p[A.P_FLIP]:
         out = F.horizontal_flip(out)
-    if p[A.P_BRIGHT] != 1:
-        out = F.adjust_brightness(out, float(p[A.P_BRIGHT]))
-    if p[A.P_CONTRAST] != 1:
-        out = F.adjust_contrast(out, float(p[A.P_CONTRAST]))
-    if p[A.P_SAT] != 1:
-        out = F.adjust_saturation(out, float(p[A.P_SAT]))
-    if p[A.P_HUE] != 0:
-        out = F.adjust_hue(out, float(p[A.P_HUE]))
+    for op in p[A.P_ORDER:A.P_ORDER + 4].astype(int):  # ColorJitter.forward: in the order of fn_idx
+        factor = float(p[_JITTER_COLUMN[op]])
+        if factor != _JITTER_IDENTITY[op]:
+            out = _JITTER_FN[op](out, factor)
     if p[A.P_GRAY]:
         out = F.rgb_to_grayscale(out, num_output_channels=3)
     if p[A.P_BLUR]:
@@ -73,13 +75,13 @@ class _MultiCropBatches:
     def __getitem__(self, item):
         epoch, ids = item
         src, cfg = self.source, self.source.augment
-        images = [decode(d, src.reader.table.where(int(i))) for i, d in zip(ids, src.encoded(ids), strict=True)]
+        used, _, _, images, bad = src.batch_reader.read(epoch, ids, decode=decode)
         params = src.params(epoch, ids, [img.shape[1:] for img in images])
         views = [[augment_view(img, params[j, v], cfg.view_size(v), cfg) for j, img in enumerate(images)]
                  for v in range(cfg.n_views)]
-        labels = src.reader.labels(ids)
+        labels = src.reader.labels(used)
         g = cfg.n_global
-        return {
+        return bad, {
             "global_crops": normalize([x for v in views[:g] for x in v], cfg.mean, cfg.std, self.dtype),
             "local_crops": normalize([x for v in views[g:] for x in v], cfg.mean, cfg.std, self.dtype) if cfg.n_local
             else torch.empty(0, 3, cfg.local_size, cfg.local_size, dtype=self.dtype),
@@ -89,20 +91,20 @@ class _MultiCropBatches:
 
 class _EvalBatches:
     def __init__(self, loader: TorchvisionEvalLoader):
-        self.reader = loader.reader
+        self.reader, self.batch_reader = loader.reader, loader.batch_reader
         self.image_size, self.resize_size = loader.image_size, loader.resize_size
         self.mean, self.std, self.dtype = loader.mean, loader.std, loader.dtype
         self.interp = _INTERP[loader.interpolation]
 
     def __getitem__(self, item):
-        _, ids = item
+        epoch, ids = item
         views = []
-        for i in ids:
-            img = decode(self.reader.image(int(i)), self.reader.table.where(int(i)))
+        used, _, _, images, bad = self.batch_reader.read(epoch, ids, decode=decode)
+        for img in images:
             img = F.resize(img, [self.resize_size], interpolation=self.interp, antialias=True)
             views.append(F.center_crop(img, [self.image_size, self.image_size]))
-        labels = self.reader.labels(ids)
-        return {"images": normalize(views, self.mean, self.std, self.dtype),
+        labels = self.reader.labels(used)
+        return bad, {"images": normalize(views, self.mean, self.std, self.dtype),
                 "labels": None if labels is None else torch.from_numpy(labels)}
 
 
@@ -120,16 +122,33 @@ class _TorchvisionBase(ShardLoader):
     def _batches(self, epoch: int, start: int):
         items = [(epoch, self.batch_ids(epoch, b)) for b in range(start, len(self))]
         workers = min(self.num_threads, len(items))
-        yield from DataLoader(self._dataset, batch_size=None, sampler=items, num_workers=workers,
-                              pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None,
-                              multiprocessing_context="fork" if workers else None)
+        if workers:
+            feeder = None
+            # generator: the workers' base seed comes from it, not from the global RNG, whose stream (drop path,
+            # masks) would otherwise depend on where an epoch was resumed (the crops need no torch RNG)
+            batches = DataLoader(self._dataset, batch_size=None, sampler=items, num_workers=workers,
+                                 pin_memory=torch.cuda.is_available(), prefetch_factor=2,
+                                 multiprocessing_context="fork", generator=torch.Generator())
+        else:  # the background feeder's threads, in this process
+            feeder = ReadAhead(lambda k: self._dataset[items[k]], 0 if items else None,
+                               lambda k: k + 1 if k + 1 < len(items) else None, depth=self.read_ahead,
+                               threads=self.read_threads)
+            batches = (out for _, out in feeder)
+        try:
+            for bad, batch in batches:
+                self._account(epoch, bad)
+                yield batch
+        finally:
+            if feeder is not None:  # the consumer stopped early or failed: cancel, wait for running reads
+                feeder.close()
 
 
 class TorchvisionMultiCropLoader(_TorchvisionBase):
     """DINOv2 multi-crop batches with torchvision.transforms.v2 on CPU workers.
 
-    Same arguments and output as MultiCropLoader (num_threads = DataLoader workers; device, device_id,
-    prefetch and hw_decoder_load are DALI's and ignored here: batches stay on the CPU):
+    Same arguments and output as MultiCropLoader (num_threads = DataLoader workers, 0: the background feeder's
+    read_threads; device, device_id, prefetch and hw_decoder_load are DALI's and ignored here: batches stay on the
+    CPU):
     {"global_crops": (n_global*B, 3, G, G), "local_crops": (n_local*B, 3, L, L), "labels": (B,) int64 or None},
     view-major, CPU tensors of `dtype` (fp32 by default). `backend` is "torchvision".
     """
@@ -137,14 +156,18 @@ class TorchvisionMultiCropLoader(_TorchvisionBase):
     def __init__(self, shards, batch_size: int, *, device: str = "auto", augment: MultiCropConfig | None = None,
                  seed: int = 0, shard_id: int | None = None, num_shards: int | None = None, num_threads: int = 4,
                  drop_last: bool = True, shuffle: bool = True, dtype=torch.float32, device_id: int | None = None,
-                 prefetch: int = 2, hw_decoder_load: float = 0.65):
+                 prefetch: int = 2, hw_decoder_load: float = 0.65, on_error: str = "skip",
+                 max_bad_fraction: float = 0.01, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 read_order: str = "random", shuffle_buffer: int = 10_000, read_ahead: int = 2, read_threads: int = 2):
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be 'auto', 'gpu' or 'cpu', got {device!r}")
         super().__init__(shards, batch_size, num_threads=num_threads, seed=seed, shard_id=shard_id,
-                         num_shards=num_shards, shuffle=shuffle, drop_last=drop_last)
+                         num_shards=num_shards, shuffle=shuffle, drop_last=drop_last, on_error=on_error,
+                         max_bad_fraction=max_bad_fraction, max_image_pixels=max_image_pixels, read_order=read_order,
+                         shuffle_buffer=shuffle_buffer, read_ahead=read_ahead, read_threads=read_threads)
         self.augment = augment or MultiCropConfig()
         self.dtype = resolve_dtype(dtype)
-        self._dataset = _MultiCropBatches(MultiCropSource(self.reader, self.augment, self.seed), self.dtype)
+        self._dataset = _MultiCropBatches(MultiCropSource(self.batch_reader, self.augment, self.seed), self.dtype)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -157,9 +180,12 @@ class TorchvisionEvalLoader(_TorchvisionBase):
     def __init__(self, shards, batch_size: int, *, image_size: int = 224, resize_size: int = 256, device: str = "auto",
                  shard_id: int | None = None, num_shards: int | None = None, num_threads: int = 4,
                  mean=MultiCropConfig.mean, std=MultiCropConfig.std, interpolation: str = "bicubic",
-                 dtype=torch.float32, device_id: int | None = None, prefetch: int = 2, hw_decoder_load: float = 0.65):
+                 dtype=torch.float32, device_id: int | None = None, prefetch: int = 2, hw_decoder_load: float = 0.65,
+                 on_error: str = "raise", max_bad_fraction: float = 0.01, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 read_ahead: int = 2, read_threads: int = 2):
         super().__init__(shards, batch_size, num_threads=num_threads, shard_id=shard_id, num_shards=num_shards,
-                         shuffle=False, drop_last=False)
+                         shuffle=False, drop_last=False, on_error=on_error, max_bad_fraction=max_bad_fraction,
+                         max_image_pixels=max_image_pixels, read_ahead=read_ahead, read_threads=read_threads)
         if not 0 < image_size <= resize_size:
             raise ValueError(f"need 0 < image_size <= resize_size, got {image_size}, {resize_size}")
         self.image_size, self.resize_size, self.mean, self.std = image_size, resize_size, mean, std

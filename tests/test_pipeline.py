@@ -683,12 +683,13 @@ def test_two_ranks_disjoint_and_complete(impl, id_shards):
     assert [i for b in one for i in ids_of(b)] == epochs[0]  # seeded
 
 
+@pytest.mark.parametrize("read_order", ["random", "sequential"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_resume_position(impl, id_shards):
+def test_resume_position(impl, read_order, id_shards):
     """2k batches straight == k batches + state_dict -> new loader + load_state_dict -> k batches, across an epoch
-    end."""
+    end, in both read orders."""
     cfg = MultiCropConfig(global_size=16, local_size=8, n_local=2)
-    kw = dict(device="cpu", augment=cfg, seed=11, num_threads=1)
+    kw = dict(device="cpu", augment=cfg, seed=11, num_threads=1, read_order=read_order, shuffle_buffer=7)
 
     def run(loader, steps):
         out = []
@@ -729,7 +730,7 @@ def test_corrupt_jpeg_names_shard_and_key(impl, device, name, tmp_path):
     bad = {"garbage": b"\xff\xd8\xff\xe0 not really a jpeg", "truncated": good[: len(good) // 2]}[name]
     cfg = MultiCropConfig(global_size=16, local_size=8, n_local=1)
     path = tar_samples(tmp_path / f"{name}.tar", [(f"k{i}", {"jpg": bad if i == 5 else good}) for i in range(8)])
-    loader = LOADERS[impl](path, 4, device=device, augment=cfg, num_threads=1, shuffle=False)
+    loader = LOADERS[impl](path, 4, device=device, augment=cfg, num_threads=1, shuffle=False, on_error="raise")
     assert loader.backend == ("torchvision" if impl == "torchvision" else f"dali-{device}")
     with pytest.raises(ShardError, match=rf"{name}\.tar, sample 'k5'.*(undecodable|truncated)"):
         list(loader)
@@ -922,3 +923,222 @@ def test_import_is_light():
     code = "import sys, dinotron.pipeline\nprint([m for m in ('nvidia.dali', 'webdataset') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"  # DALI is imported when a DALI loader is built
+
+
+# ---------------------------------------------------------------------------------------------- issue 14: data faults
+
+
+def _tiny_jpegs(folder: Path, names: dict[str, int], seed: int = 0) -> None:
+    """folder/<class>/<i>.jpg, names[class] images each (0: an empty class folder)."""
+    rng = np.random.default_rng(seed)
+    for name, n in names.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (folder / name / f"{i}.jpg").write_bytes(jpeg(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+
+
+def test_class_map_is_reused_refused_and_reports_empty_folders(tmp_path, caplog, capsys):
+    """Oracle: torchvision's ImageFolder numbering (datasets.folder.find_classes: sorted folders, empty ones included)
+    and the labels tarfile reads back, each sample's class from its key."""
+    from torchvision.datasets.folder import find_classes
+
+    _tiny_jpegs(tmp_path / "train", {"ant": 2, "bee": 1, "cat": 2, "dog": 1, "eel": 0})
+    _tiny_jpegs(tmp_path / "val", {"bee": 2, "dog": 1})  # a subset: its own numbering would give bee 0, dog 1
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="dinotron"):
+        train = write_shards(tmp_path / "train", out, prefix="train", workers=1, progress=False)
+    expected = find_classes(str(tmp_path / "train"))[1]
+    assert json.loads((out / "classes.json").read_text()) == expected == train["class_map"]
+    assert train["empty_classes"] == ["eel"] and train["class_counts"]["eel"] == 0
+    assert json.loads((out / "manifest.json").read_text())["prefixes"]["train"]["empty_classes"] == ["eel"]
+    assert any("eel" in r.getMessage() and "no images" in r.getMessage() for r in caplog.records)
+
+    with pytest.raises(ValueError, match="holds another class map.*--classes"):  # val's own map would differ
+        write_shards(tmp_path / "val", out, prefix="val", workers=1, progress=False)
+    assert cli(["make-shards", str(tmp_path / "val"), str(out), "--prefix", "val", "--workers", "1",
+                "--classes", str(out / "classes.json")]) == 0
+    labels = {key.split("_")[0]: int(comps["cls"]) for key, comps in read_tar(str(out / "val-000000.tar"))}
+    assert labels == {"bee": expected["bee"], "dog": expected["dog"]} == {"bee": 1, "dog": 3}
+
+    _tiny_jpegs(tmp_path / "other", {"bee": 1, "yak": 1, "zebu": 1})
+    with pytest.raises(ValueError, match=r"not in the class map: yak, zebu") as error:
+        write_shards(tmp_path / "other", tmp_path / "o", workers=1, progress=False, classes=out / "classes.json")
+    assert "\n" not in str(error.value)
+    capsys.readouterr()
+    assert cli(["make-shards", str(tmp_path / "other"), str(tmp_path / "o"), "--classes",
+                str(out / "classes.json")]) == 2
+    assert "yak, zebu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "zeros"])
+def test_corrupt_tar_header_is_found(damage, tmp_path, capsys):
+    """A member header overwritten mid-file: tarfile alone reads a short tar without a word (the oracle of the bug);
+    scan_tar, check-shards (exit 1) and a loader without an index name the shard and the header's byte offset."""
+    path = id_tars(tmp_path, [6], index=True)[0]
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    n_members = len(members)
+    offset = members[6].offset  # the header of sample 3's image, mid-file
+    raw = bytearray(Path(path).read_bytes())
+    raw[offset:offset + 512] = bytes(512) if damage == "zeros" else b"X" * 100 + raw[offset + 100:offset + 512]
+    Path(path).write_bytes(bytes(raw))
+    with tarfile.open(path) as tar:
+        assert len(tar.getmembers()) == 6 < n_members  # tarfile: silently short
+    with pytest.raises(ShardError, match=rf"ids-000.tar: corrupt tar: .*byte {offset}\b.*after member 6"):
+        scan_tar(path)
+    report = check_shards(path, progress=False)
+    assert [(b["shard"], b["key"]) for b in report["bad"]] == [(path, None)]
+    assert f"byte {offset}" in report["bad"][0]["problem"]
+    assert cli(["check-shards", path]) == 1
+    assert f"BAD {path}: " in capsys.readouterr().out
+    os.remove(index_path := path[:-4] + ".idx")
+    assert not os.path.exists(index_path)
+    with pytest.raises(ShardError, match=rf"byte {offset}"):
+        TorchvisionMultiCropLoader(path, 2)
+
+
+def bad_sample_shard(tmp_path: Path) -> tuple[str, int]:
+    """12 samples k00..k11 of 40 x 40 px, .cls = number; k03 cut short (with its end marker: only decoding finds
+    it), k07 a 13,500 x 13,500 header (182 Mpx, over PIL's 178,956,970 limit) on 40 x 40 px data."""
+    rng = np.random.default_rng(12)
+    good = [jpeg(smooth_image(rng, 40, 40)) for _ in range(12)]
+    cut = good[3][: len(good[3]) // 2] + b"\xff\xd9"
+    big = bytearray(good[7])
+    sof = big.find(b"\xff\xc0")
+    big[sof + 5:sof + 9] = (13_500).to_bytes(2, "big") * 2
+    images = {**dict(enumerate(good)), 3: cut, 7: bytes(big)}
+    return tar_samples(tmp_path / "bad.tar", [(f"k{i:02d}", {"jpg": images[i], "cls": str(i).encode()})
+                                               for i in range(12)]), 12
+
+
+def replacement_oracle(seed: int, epoch: int, i: int, n: int, bad: set[int]) -> int:
+    """The documented rule, transcribed: the first good j_k = hash(seed, epoch, i, k) mod N, k = 1, 2, ..."""
+    for k in range(1, 100):
+        j = int(np.random.default_rng([seed, epoch, i, k, 0xBAD]).integers(n))
+        if j not in bad:
+            return j
+    raise AssertionError("no good replacement")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_samples_are_skipped_counted_logged_or_raised(impl, tmp_path, caplog):
+    path, n = bad_sample_shard(tmp_path)
+    assert 13_500 ** 2 > 178_956_970  # the header's size is over the default limit (PIL's)
+    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=1, **PLAIN)
+    kw = dict(device="cpu", augment=cfg, seed=4, num_threads=1, shuffle=False, max_bad_fraction=0.25)
+    loader = LOADERS[impl](path, 4, **kw)
+    assert loader.backend == BACKEND[impl]
+    with caplog.at_level(logging.WARNING, logger="dinotron"):
+        epochs = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            epochs.append([ids_of(b) for b in loader])
+    for epoch, batches in enumerate(epochs):
+        expected = [[replacement_oracle(4, epoch, i, n, {3, 7}) if i in (3, 7) else i for i in range(b, b + 4)]
+                    for b in range(0, 12, 4)]
+        assert batches == expected  # full batches, the bad slots refilled by the rule
+    assert loader.bad_counts == {path: 2} and loader.bad_in_epoch == 2
+    warned = [r.getMessage() for r in caplog.records if "bad sample" in r.getMessage()]
+    assert len(warned) == 2 and "'k03'" in warned[0] and "'k07'" in warned[1] and "too large" in warned[1]
+    assert all("bad.tar" in w for w in warned)  # once per sample, over two epochs
+
+    # The first bad sample to surface: k03 (torchvision; DALI's decoder), or k07 where DALI's read-ahead of batch 1
+    # (its header check) raises before the decoder's failure on batch 0 comes out.
+    with pytest.raises(ShardError, match=r"bad\.tar, sample '(k03': undecodable|k07': image too large \(13500 x)"):
+        list(LOADERS[impl](path, 4, **{**kw, "on_error": "raise"}))
+    from dinotron.pipeline.loader import TooManyBadSamples
+
+    capped = LOADERS[impl](path, 4, **{**kw, "max_bad_fraction": 0.1})  # 12 samples: at most 1.2 bad
+    with pytest.raises(TooManyBadSamples, match=r"2 bad samples in epoch 0 .* max_bad_fraction=0\.1 of its 12"):
+        list(capped)
+
+
+def test_check_shards_reports_bad_images(tmp_path, capsys):
+    path, _ = bad_sample_shard(tmp_path)
+    report = check_shards(path, progress=False)
+    problems = {b["key"]: b["problem"] for b in report["bad"]}
+    assert set(problems) == {"k03", "k07"} and "too large" in problems["k07"] and "undecodable" in problems["k03"]
+    assert cli(["check-shards", path, "--max-image-pixels", "1000"]) == 1  # every 40 x 40 image is over it
+    assert capsys.readouterr().out.count("too large") == 12
+
+
+def test_read_ahead_orders_bounds_propagates_and_closes():
+    """Oracle: the calls fn records, against the positions the consumer took."""
+    import threading
+    import time
+
+    from dinotron.pipeline.loader import ReadAhead
+
+    calls, lock = [], threading.Lock()
+
+    def fn(k):
+        with lock:
+            calls.append(k)
+        time.sleep(0.002 * (k % 3))  # out of order completion
+        if k == 7:
+            raise KeyError("seven")
+        return k * k
+
+    feeder = ReadAhead(fn, 0, lambda k: k + 1, depth=3, threads=2)
+    got = []
+    for _ in range(5):
+        got.append(next(feeder))
+        time.sleep(0.01)
+        assert max(calls) <= got[-1][0] + 3  # never more than `depth` positions beyond the consumer
+    assert got == [(k, k * k) for k in range(5)]
+    assert next(feeder) == (5, 25) and next(feeder) == (6, 36)
+    with pytest.raises(KeyError, match="seven"):  # at its position, on the consumer's thread
+        next(feeder)
+    n = len(calls)
+    time.sleep(0.02)
+    assert len(calls) == n and list(feeder) == []  # closed: nothing runs, nothing is left
+    finite = ReadAhead(fn, 0, lambda k: k + 1 if k < 2 else None, depth=8, threads=2)
+    assert list(finite) == [(0, 0), (1, 1), (2, 4)]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sequential_order_reads_whole_shards(drop_last, tmp_path):
+    """Oracle: the shard each sample is in (id_tars: sample n is the n-th of the files). With a shuffle window of 1 a
+    rank reads whole shards, each once, in file order, contiguously; a window of W permutes the same samples within
+    each window; every sample is read once per epoch across ranks (without drop_last)."""
+    counts = [5, 3, 7, 4, 6, 2, 5]
+    paths = id_tars(tmp_path, counts, index=True)
+    shard_of = np.repeat(np.arange(len(counts)), counts)
+    for epoch in (0, 1):
+        runs, every = [], []
+        for k in range(3):
+            kw = dict(seed=2, shard_id=k, num_shards=3, drop_last=drop_last, read_order="sequential")
+            plain = ShardLoader(paths, 1, shuffle_buffer=1, **kw).epoch_order(epoch)
+            shards = shard_of[plain]
+            starts = np.flatnonzero(np.diff(shards)) + 1
+            assert len(set(shards.tolist())) == len(starts) + 1  # each shard one contiguous run
+            for run in np.split(plain, starts):
+                assert np.array_equal(run, np.arange(run[0], run[0] + len(run)))  # in file order
+            runs.append(shards[np.r_[0, starts]].tolist())
+            windowed = ShardLoader(paths, 1, shuffle_buffer=4, **kw).epoch_order(epoch)
+            for w in range(0, len(plain), 4):
+                assert sorted(windowed[w:w + 4]) == sorted(plain[w:w + 4])
+            assert not np.array_equal(windowed, plain)
+            every += windowed.tolist()
+        if not drop_last:
+            assert sorted(every) == list(range(sum(counts)))
+        order_of_shards = [s for r in runs for s in r]
+        assert sorted(set(order_of_shards)) == list(range(len(counts)))
+        if epoch == 0:
+            first = order_of_shards
+    assert order_of_shards != first  # a new shard order each epoch
+
+
+def test_sequential_keeps_each_samples_crops(id_shards):
+    """Crops depend on (seed, epoch, sample) only: a sample's crops are the same in both read orders."""
+    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=1, **PLAIN)
+    crops = {}
+    for order in ("random", "sequential"):
+        loader = TorchvisionMultiCropLoader(id_shards, 4, augment=cfg, seed=9, num_threads=0, read_order=order,
+                                            shuffle_buffer=5)
+        crops[order] = {i: (b["global_crops"][[j, j + 4]], b["local_crops"][j])
+                        for b in loader for j, i in enumerate(ids_of(b))}
+    common = set(crops["random"]) & set(crops["sequential"])
+    assert len(common) >= 20
+    for i in common:
+        assert all(torch.equal(a, b) for a, b in zip(crops["random"][i], crops["sequential"][i], strict=True)), i

@@ -100,7 +100,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, memory_loader, m
         return out
 
     monkeypatch.setattr(trainer.model, "forward", forward)
-    with pytest.raises(loop.TrainingDiverged, match=r"non-finite ibot_loss = nan, loss = nan at step 4"):
+    with pytest.raises(loop.TrainingDiverged, match=r"non-finite ibot_loss = nan, loss = nan at step 5"):
         trainer.fit()
     latest = ckpt.latest_checkpoint(tmp_path)
     assert ckpt.load_meta(latest)["step"] == 3
@@ -120,7 +120,7 @@ def test_nan_from_the_data_stops_through_the_real_kernels(tmp_path, memory_loade
         return real_forward(global_crops * float("nan") if trainer.step == 2 else global_crops, *args)
 
     monkeypatch.setattr(trainer.model, "forward", forward)
-    with pytest.raises(loop.TrainingDiverged, match=r"non-finite dino_loss = nan, .* at step 2"):
+    with pytest.raises(loop.TrainingDiverged, match=r"non-finite dino_loss = nan, .* at step 3"):
         trainer.fit()
     assert trainer.step == 3 and ckpt.latest_checkpoint(tmp_path) is None
 
@@ -192,7 +192,7 @@ def test_two_ranks_share_weights_and_stop_together(tmp_path):
     for k in r0["teacher"]:  # same start, all-reduced gradients, same updates: bitwise equal on both ranks
         assert torch.equal(r0["teacher"][k], r1["teacher"][k]), k
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "sigterm")] == ["checkpoint-00000004"]
-    assert "non-finite loss on another rank at step 1" in r0["diverged"]
+    assert "non-finite loss on another rank at step 2" in r0["diverged"]
     assert "non-finite dino_loss = nan" in r1["diverged"]
 
 

@@ -1,7 +1,10 @@
 """The `dinotron` command line. Each subcommand lives with the code it drives and is added here.
 
 What a command returns (a JSON line, a report) goes to stdout; messages go to stderr through the
-`dinotron` logger (`dinotron.train.log`). A user error exits with status 2, a diverged run with 1.
+`dinotron` logger (`dinotron.train.log`). Exit status: 0 done (a run stopped by SIGTERM / SIGINT too, after
+saving a checkpoint and logging the command that resumes it); 1 a diverged run, bad samples found by check-shards,
+a demo that learnt too little; 2 a user error (`dinotron.train.errors.USER_ERRORS`: one line on stderr naming the
+problem, no traceback; `--log-level DEBUG` adds it). Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -9,29 +12,54 @@ import argparse
 import json
 import logging
 import runpy
+import shlex
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dinotron.train.cli")  # not __name__, which is "__main__" under python -m
 
 
-def _load_run(args):
-    """(Config, DinoV2 with weights) from --checkpoint or the latest checkpoint of --run."""
+DEMO_MIN_GAIN = 10.0  # k-NN top-1 points the demo's training must gain over random init
+
+
+def _resume_command(args) -> str:
+    """The command line that was run, with --resume (and without --overwrite): what continues a stopped run."""
+    argv = [a for a in args.argv if a != "--overwrite"]
+    if "--resume" not in argv:
+        at = argv.index(args.command) + 1 if args.command in argv else len(argv)
+        argv.insert(at, "--resume")
+    return shlex.join(["dinotron", *argv])
+
+
+def _run_config(args):
+    """(Config, checkpoint path) of --checkpoint or of the latest checkpoint in --run, with key=value overrides."""
+    from dinotron.train import checkpoint as ckpt
+    from dinotron.train.config import apply_overrides, from_dict
+    from dinotron.train.errors import CheckpointNotFound
+
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+    else:
+        if not Path(args.run).is_dir():
+            raise CheckpointNotFound(f"--run {args.run}: no such folder")
+        path = ckpt.latest_checkpoint(args.run)
+        if path is None:
+            raise CheckpointNotFound(f"--run {args.run}: no complete checkpoint (checkpoint-<step>/, meta.pt) in it")
+    return from_dict(apply_overrides(ckpt.load_meta(path)["config"], getattr(args, "overrides", []))), path
+
+
+def _load_model(cfg, path: Path, random_init: bool = False):
+    """DinoV2 of `cfg` with the weights of checkpoint `path` (none with random_init), on the GPU where there is one."""
     import torch
 
     from dinotron.train import checkpoint as ckpt
-    from dinotron.train.config import apply_overrides, from_dict
     from dinotron.train.model import DinoV2
 
-    path = Path(args.checkpoint) if args.checkpoint else ckpt.latest_checkpoint(args.run)
-    if path is None:
-        raise SystemExit(f"dinotron: no checkpoint in {args.run}")
-    cfg = from_dict(apply_overrides(ckpt.load_meta(path)["config"], getattr(args, "overrides", [])))
     model = DinoV2(cfg)
-    if not getattr(args, "random_init", False):  # DCP gathers the shards of any number of ranks into this process
+    if not random_init:  # DCP gathers the shards of any number of ranks into this process
         ckpt.load_sharded(path, {"model": model.state_dict()})
-    return cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"), path
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
@@ -42,31 +70,39 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from dinotron.train.config import load_config
-    from dinotron.train.loop import OutputDirInUse, Trainer, TrainingDiverged
+    from dinotron.train.errors import UserError
+    from dinotron.train.loop import Trainer, TrainingDiverged
 
+    if args.allow_config_change and not args.resume:
+        raise UserError("--allow-config-change applies to --resume only")
     cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     try:
-        result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit()
-    except OutputDirInUse as e:
-        log.error(f"dinotron train: {e}")
-        return 2
+        result = trainer.fit()
     except TrainingDiverged as e:
         log.error(f"dinotron train: {e}")
         return 1
+    if trainer.step < trainer.end_step:  # stopped by a signal, checkpoint saved
+        log.info(f"resume with: {_resume_command(args)}")
     print(json.dumps({k: v for k, v in result.items() if k in ("step", "loss", "knn_top1", "knn_top5")}))
     return 0
 
 
 def cmd_eval_knn(args) -> int:
-    from dinotron.train.loop import evaluate_knn
+    from dinotron.train.errors import DataError
+    from dinotron.train.loop import check_data_device, check_knn_shards, evaluate_knn
 
-    cfg, model, path = _load_run(args)
+    cfg, path = _run_config(args)
     ev = cfg.evaluation
     ev.knn_train_shards = args.train_shards or ev.knn_train_shards
     ev.knn_val_shards = args.val_shards or ev.knn_val_shards
     ev.k, ev.temperature = args.k, args.temperature
     if not ev.knn_train_shards or not ev.knn_val_shards:
-        raise SystemExit("dinotron eval-knn: give --train-shards and --val-shards (or set evaluation.knn_*_shards)")
+        raise DataError("give --train-shards and --val-shards (or set evaluation.knn_*_shards)")
+    check_data_device(cfg)  # the checkpoint's data.device; data.device=cpu overrides it
+    check_knn_shards("--train-shards", ev.knn_train_shards)
+    check_knn_shards("--val-shards", ev.knn_val_shards)
+    model = _load_model(cfg, path, args.random_init)
     result = evaluate_knn(model, cfg, next(model.parameters()).device)
     print(json.dumps({"checkpoint": str(path), "random_init": args.random_init, **result}))
     return 0
@@ -75,8 +111,8 @@ def cmd_eval_knn(args) -> int:
 def cmd_export(args) -> int:
     from dinotron.train.export import export_backbone
 
-    cfg, model, path = _load_run(args)
-    out = export_backbone(model, cfg, args.out)
+    cfg, path = _run_config(args)
+    out = export_backbone(_load_model(cfg, path), cfg, args.out)
     log.info(f"exported the teacher backbone of {path} to {out} "
              f"(timm.create_model('local-dir:{out}', pretrained=True))")
     return 0
@@ -90,18 +126,26 @@ def cmd_bench(args) -> int:
             sys.path.insert(0, str(script.parent))
             runpy.run_path(str(script), run_name="__main__")
             return 0
-    raise SystemExit(f"dinotron bench: benchmarks/bench_{args.name}.py not found; run from a dinotron checkout")
+    from dinotron.train.errors import UserError
+
+    raise UserError(f"benchmarks/bench_{args.name}.py not found; run from a dinotron checkout")
 
 
 def cmd_demo(args) -> int:
     from dinotron.train.demo import run_demo
 
-    result = run_demo(args.config, args.out, args.overrides)
+    result = run_demo(args.config, args.out, args.overrides, resume=args.resume)
+    if result.get("interrupted"):
+        log.info(f"[demo] stopped after step {result['steps']} of {result['of_steps']}, checkpoint saved; "
+                 f"resume with: {_resume_command(args)}")
+        print(json.dumps({**result, "resume": _resume_command(args)}))
+        return 0
     gap = result["knn_top1_trained"] - result["knn_top1_random_init"]
-    if gap < 10:
-        log.error(f"[demo] the trained teacher beats random init by only {gap:.1f} k-NN points (expected >= 10)")
+    if gap < DEMO_MIN_GAIN:
+        log.error(f"[demo] the trained teacher beats random init by only {gap:.1f} k-NN points "
+                  f"(expected >= {DEMO_MIN_GAIN:g})")
     print(json.dumps(result))
-    return 0 if gap >= 10 else 1
+    return 0 if gap >= DEMO_MIN_GAIN else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,12 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ...")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--classes", default=None, metavar="PATH",
+                   help="class map (classes.json of another split: val gets train's ids); default: the sorted folders")
     p.set_defaults(func=cmd_make_shards)
 
     p = sub.add_parser("check-shards",
                        help="report bad samples of any WebDataset shards, write missing DALI index files")
     p.add_argument("pattern", nargs="+", help="shard paths or brace patterns, e.g. 'out/train-{000000..000099}.tar'")
     p.add_argument("--no-decode", action="store_true", help="check structure only, do not decode every image")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="images over this many pixels are bad (default: data.max_image_pixels' default, PIL's limit)")
     p.set_defaults(func=cmd_check_shards)
     p = sub.add_parser("train", help="train DINOv2 from a YAML config with key=value overrides")
     p.add_argument("--config", help="YAML config (configs/*.yaml); defaults are dinov2's ViT-S/14 recipe")
@@ -132,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     run.add_argument("--overwrite", action="store_true",
                      help="delete the checkpoints, metrics.jsonl and tensorboard/ in train.output_dir, start afresh")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue even where the config changes training keys of the checkpoint's "
+                        "(optim.*, teacher.*, loss weights, global batch, ...); the changes are logged")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_train)
 
@@ -152,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate textures, shard, train a small ViT on CPU, compare k-NN with random init")
     p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--out", default="runs/demo", help="output folder (replaced)")
+    p.add_argument("--out", default="runs/demo", help="output folder (replaced, unless --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the demo in --out stopped by SIGTERM / SIGINT (from scratch if it has no checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
 
@@ -165,12 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_make_shards(args) -> int:
     from dinotron.pipeline import write_shards
+    from dinotron.train.errors import UserError
 
     try:
-        m = write_shards(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix, workers=args.workers)
-    except (OSError, ValueError) as e:
-        log.error(f"dinotron make-shards: {e}")
-        return 2
+        m = write_shards(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix, workers=args.workers,
+                         classes=args.classes)
+    except (OSError, ValueError) as e:  # write_shards' checks of its source folder and arguments; a full disk
+        raise UserError(str(e)) from e
     print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards: {Path(args.out) / m['pattern']}"
           f" ({len(m['classes'] or [])} classes); skipped {len(m['skipped'])} undecodable files")
     for s in m["skipped"]:
@@ -180,12 +234,13 @@ def cmd_make_shards(args) -> int:
 
 def cmd_check_shards(args) -> int:
     from dinotron.pipeline import check_shards
+    from dinotron.train.errors import UserError
 
     try:
-        r = check_shards(args.pattern, decode=not args.no_decode)
-    except (OSError, ValueError) as e:
-        log.error(f"dinotron check-shards: {e}")
-        return 2
+        pixels = {} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}
+        r = check_shards(args.pattern, decode=not args.no_decode, **pixels)
+    except (OSError, ValueError) as e:  # no shard matches, a missing or unreadable file
+        raise UserError(str(e)) from e
     for bad in r["bad"]:
         where = f"{bad['shard']}" + (f" sample {bad['key']!r}" if bad["key"] else "")
         print(f"BAD {where}: {bad['problem']}")
@@ -197,19 +252,23 @@ def cmd_check_shards(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line `argv` (default sys.argv[1:]); returns the exit status (see the module docstring)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    from dinotron.train.config import ConfigError
+    args.argv = argv
+    from dinotron.train.errors import USER_ERRORS
     from dinotron.train.log import setup_logging
 
     setup_logging(level=args.log_level, all_ranks=args.log_all_ranks)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        log.error(f"dinotron {args.command}: {e}")
+    except USER_ERRORS as e:
+        log.debug("the user error's traceback:", exc_info=True)
+        log.error(f"dinotron {args.command}: {' '.join(str(e).split())}")  # one line
         return 2
 
 

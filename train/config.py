@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from dinotron.pipeline import MultiCropConfig
+from dinotron.pipeline.shards import MAX_IMAGE_PIXELS
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,31 @@ class DataConfig:
     device: Literal["auto", "gpu", "cpu"] = "auto"  # where DALI decodes and augments
     num_threads: int = 8  # DALI CPU threads / torchvision workers
     augment: MultiCropConfig = field(default_factory=MultiCropConfig)
+    # A sample whose image does not read (not an image, cut short, over max_image_pixels, undecodable): "skip"
+    # replaces it by another sample drawn from (seed, epoch, sample), logged once with shard and key and counted per
+    # shard; "raise" stops with ShardError naming them (check-shards always reports).
+    on_error: Literal["skip", "raise"] = "skip"
+    # Skipping stops (TooManyBadSamples) once more than this fraction of a rank's samples of one epoch were bad.
+    max_bad_fraction: float = 0.01
+    # Images over this many pixels are bad, checked from the header before decoding, in both loaders; the default
+    # and the maximum are PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS = 178,956,970).
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    # "random": a global shuffle, each sample read from anywhere. "sequential" (network storage): every rank reads
+    # whole shards, in an order drawn per epoch, and shuffles within windows of shuffle_buffer samples.
+    read_order: Literal["random", "sequential"] = "random"
+    shuffle_buffer: int = 10_000  # samples per shuffle window of read_order=sequential
+    read_ahead: int = 2  # batches the background feeder reads beyond the loader's own prefetch
+    read_threads: int = 2  # the background feeder's threads (sample reads, index parsing, header checks)
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not 1 <= self.max_image_pixels <= MAX_IMAGE_PIXELS:
+            raise ValueError(f"max_image_pixels must be in [1, 178956970] (PIL refuses larger images), got "
+                             f"{self.max_image_pixels}")
+        for key in ("shuffle_buffer", "read_ahead", "read_threads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -122,7 +148,7 @@ class TrainConfig:
     seed: int = 0  # iBOT masks are drawn from (seed, step, global image index): the same for any world size
     epoch_length: int = 1250  # dinov2's OFFICIAL_EPOCH_LENGTH
     max_steps: int | None = None  # stop early (schedules still span optim.epochs)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU runs fp32
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # GPU autocast dtype, loss-scaled unless fp32; CPU: fp32
     log_every: int = 1
     tensorboard: bool = False
     checkpoint_every: int = 1250

@@ -4,6 +4,9 @@ Generates a labelled texture dataset (10 pattern classes in random colours, so c
 label), writes it to WebDataset shards, trains a small ViT with the full DINOv2 objective through
 the real pipeline (DALI on CPU), and reports weighted k-NN accuracy on a held-out split for the
 trained teacher and for the same architecture at random init. Ends with one JSON line.
+
+Stopped by SIGTERM / SIGINT while training, it saves a checkpoint and returns {"interrupted": true, ...};
+`dinotron demo ... --resume` then continues that run (its shards and random-init accuracy are kept in `out`).
 """
 from __future__ import annotations
 
@@ -89,14 +92,21 @@ def plot_losses(metrics_file: Path, out_png: Path, title: str) -> Path:
     return out_png
 
 
+RANDOM_INIT = "random_init_knn.json"  # in `out`: the baseline's accuracy, kept for --resume
+
+
 def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = None, n_train_per_class: int = 200,
-             n_val_per_class: int = 50) -> dict:
-    """Data -> shards -> k-NN at random init -> training -> k-NN -> export -> loss curve."""
+             n_val_per_class: int = 50, resume: bool = False) -> dict:
+    """Data -> shards -> k-NN at random init -> training -> k-NN -> export -> loss curve; returns the JSON line's
+    fields. `out` is replaced, unless `resume` and it holds a checkpoint of an earlier demo: then its shards and
+    random-init accuracy are reused and training continues from the checkpoint. Stopped by a signal while
+    training, returns {"interrupted": True, "steps": the last step, "of_steps": ..., "checkpoint": ...}."""
     import shutil
 
     import torch
 
     from dinotron.pipeline import write_shards
+    from dinotron.train import checkpoint as ckpt
     from dinotron.train.config import load_config
     from dinotron.train.export import export_backbone
     from dinotron.train.loop import Trainer, evaluate_knn, seed_everything
@@ -104,12 +114,17 @@ def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = 
 
     start = time.time()
     out = Path(out)
-    shutil.rmtree(out, ignore_errors=True)
     size = 64
-    write_texture_folder(out / "images" / "train", n_train_per_class, size, seed=0)
-    write_texture_folder(out / "images" / "val", n_val_per_class, size, seed=1)
-    for split in ("train", "val"):
-        write_shards(out / "images" / split, out / "shards", shard_size=500, prefix=split, progress=False)
+    load_config(config, list(overrides or []))  # a config error stops before any data is written
+    if resume and ckpt.latest_checkpoint(out / "train") is None:
+        log.info(f"[demo] --resume: no checkpoint in {out / 'train'}, starting afresh")
+        resume = False
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
+        write_texture_folder(out / "images" / "train", n_train_per_class, size, seed=0)
+        write_texture_folder(out / "images" / "val", n_val_per_class, size, seed=1)
+        for split in ("train", "val"):
+            write_shards(out / "images" / split, out / "shards", shard_size=500, prefix=split, progress=False)
     shards = {split: sorted(str(p) for p in (out / "shards").glob(f"{split}-*.tar")) for split in ("train", "val")}
     cfg = load_config(
         config,
@@ -124,13 +139,21 @@ def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = 
     log.info(f"[demo] {len(PATTERNS)} texture classes, {len(PATTERNS) * n_train_per_class} train / "
              f"{len(PATTERNS) * n_val_per_class} val images of {size}px, shards in {out / 'shards'}")
 
-    seed_everything(cfg.train.seed)  # the same initial weights the trainer starts from
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    random_init = evaluate_knn(DinoV2(cfg).to(device), cfg, device)
+    baseline = out / RANDOM_INIT
+    if resume and baseline.is_file():
+        random_init = json.loads(baseline.read_text())
+    else:
+        seed_everything(cfg.train.seed)  # the same initial weights the trainer starts from
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        random_init = evaluate_knn(DinoV2(cfg).to(device), cfg, device)
+        baseline.write_text(json.dumps(random_init))
     log.info(f"[demo] k-NN at random init: top-1 {random_init['top1']:.2f}%")
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, resume=resume)
     trained = trainer.fit()
+    if "knn_top1" not in trained:  # stopped by a signal, checkpoint saved (fit skips the final k-NN then)
+        return {"interrupted": True, "steps": trainer.step, "of_steps": trainer.end_step,
+                "checkpoint": str(ckpt.latest_checkpoint(trainer.out_dir)), "seconds": round(time.time() - start, 1)}
     log.info(f"[demo] k-NN after {trainer.step} steps: top-1 {trained['knn_top1']:.2f}%")
     export_dir = export_backbone(trainer.model, cfg, out / "export")
     vit = trainer.model.teacher.backbone.vit

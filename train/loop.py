@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from dinotron.train import checkpoint as ckpt
 from dinotron.train.config import Config, from_dict, to_dict
+from dinotron.train.errors import USER_ERRORS, ConfigChanged, DataError, OutputDirInUse
 from dinotron.train.knn import extract_features, knn_classify
 from dinotron.train.masking import BlockMaskGenerator, masked_patch_indices, sample_masks_for_rank
-from dinotron.train.model import DinoV2, host_to_device
+from dinotron.train.model import DinoV2, fp16_in_graph, host_to_device
 from dinotron.train.optim import apply_schedules, build_optimizer, clip_gradients
 from dinotron.train.parallel import parallelize, setup_distributed
 from dinotron.train.schedules import build_schedules
@@ -35,12 +36,17 @@ LOSS_PARTS = ("dino_loss", "koleo_loss", "ibot_loss", "loss")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+def build_grad_scaler(autocast_dtype: torch.dtype | None, parallel: str, device_type: str = "cuda"):
+    """The trainer's loss scaler: enabled whenever the step computes in fp16 (model.fp16_in_graph: precision fp16,
+    and bf16 for the heads' fp16 prototype layer), else a no-op; ShardedGradScaler under FSDP2, which agrees on
+    inf / NaN gradients across ranks. Enabled, it starts at 2^16, and its step reads the inf flag on the host (one
+    sync per step) unless the optimiser is fused (AdamW on CUDA without FSDP2)."""
+    scaler = ShardedGradScaler if parallel == "fsdp2" else torch.amp.GradScaler
+    return scaler(device_type, enabled=fp16_in_graph(autocast_dtype))
+
+
 class TrainingDiverged(RuntimeError):
     pass
-
-
-class OutputDirInUse(ValueError):
-    """train.output_dir holds an earlier run's checkpoints and neither resume nor overwrite was asked for."""
 
 
 def seed_everything(seed: int) -> None:
@@ -78,9 +84,36 @@ def build_train_loader(cfg: Config, rank: int, world: int):
         shard_id=rank,
         num_shards=world,
         num_threads=cfg.data.num_threads,
+        on_error=cfg.data.on_error,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        max_image_pixels=cfg.data.max_image_pixels,
+        read_order=cfg.data.read_order,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        read_ahead=cfg.data.read_ahead,
+        read_threads=cfg.data.read_threads,
     )
     log.info(f"train loader: {loader.backend} ({type(loader).__name__}, {len(loader)} batches per epoch per rank)")
     return loader
+
+
+def check_knn_shards(key: str, shards: list[str]) -> None:
+    """DataError, naming `key`, unless `shards` exist, can be read and carry labels (k-NN needs them): reads one
+    sample count per shard and the first shard's sample list (`SampleTable.from_shards`), no image."""
+    from dinotron.pipeline.shards import SampleTable
+
+    try:
+        table = SampleTable.from_shards(shards)
+    except (OSError, ValueError) as e:  # missing, not a tar, empty (ShardError is a ValueError)
+        raise DataError(f"{key}: {e}") from e
+    if not table.labelled:
+        raise DataError(f"{key}: the shards hold no labels (.cls), which k-NN needs: shard a folder of class "
+                        "sub-folders (dinotron make-shards)")
+
+
+def check_data_device(cfg: Config) -> None:
+    """DataError where data.device=gpu asks DALI for a GPU that torch does not see."""
+    if cfg.data.device == "gpu" and not torch.cuda.is_available():
+        raise DataError("data.device=gpu needs a CUDA GPU and torch sees none: set data.device=cpu (or auto)")
 
 
 def build_eval_loader(cfg: Config, shards: list[str], rank: int, world: int):
@@ -201,13 +234,21 @@ class Trainer:
     resume: continue from the latest checkpoint in cfg.train.output_dir (from scratch where there is none).
     overwrite: start from scratch, rank 0 first deleting that folder's checkpoints, metrics.jsonl and tensorboard/.
     Neither, where the folder holds checkpoints: OutputDirInUse on every rank, before anything is built.
+    allow_config_change: resume even where cfg changes training keys of the checkpoint's config (logged); without
+    it ConfigChanged lists them (`checkpoint.config_changes` sorts the keys).
+
+    Before the model is built, in this order: temporary folders of an interrupted save are removed; a resume's
+    config is compared with the checkpoint's; the train loader opens its shards and the k-NN shards are checked
+    (DataError, on every rank together).
     """
 
-    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False):
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed()
         self.out_dir = Path(cfg.train.output_dir)
         self._claim_output_dir(resume, overwrite)
+        resume_from = self._check_resume(allow_config_change) if resume else None
+        self.loader = self._open_data()
         seed_everything(cfg.train.seed)  # the same initial weights on every rank (and broadcast, to be sure)
         self.model = DinoV2(cfg).to(self.device)
         if dist.is_initialized():
@@ -223,19 +264,16 @@ class Trainer:
         self.total_steps = cfg.optim.epochs * cfg.train.epoch_length
         self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self.autocast_dtype = _DTYPES[cfg.train.precision] if self.device.type == "cuda" else None
-        # fp16 loss scaling; under FSDP2 the sharded scaler agrees on inf / NaN gradients across ranks
-        scaler = ShardedGradScaler if self.parallel == "fsdp2" else torch.amp.GradScaler
-        self.scaler = scaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.scaler = build_grad_scaler(self.autocast_dtype, self.parallel)  # loss scaling wherever fp16 runs
         aug = cfg.data.augment
         grid = aug.global_size // self.model.patch_size
         self.mask_generator = BlockMaskGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
-        self.loader = build_train_loader(cfg, self.rank, self.world)
         self.step = 0
         self._timed_from: torch.cuda.Event | float | None = None  # the next step's time counts from here
         self.collapse = CollapseWatch(cfg.train.collapse_patience)
         self.stop_signal: int | None = None
-        if resume:
-            self._resume()
+        if resume_from is not None:
+            self._resume(*resume_from)
         self.is_main = self.rank == 0
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,13 +282,21 @@ class Trainer:
         self.tb = self._tensorboard() if cfg.train.tensorboard and self.is_main else None
 
     def _claim_output_dir(self, resume: bool, overwrite: bool) -> None:
-        """Refuse an output folder holding checkpoints unless resuming; with overwrite, empty it of the last run.
-        Rank 0 looks and deletes; the others learn its verdict (all-reduce) and wait for the deletion (barrier)."""
+        """Refuse an output folder holding checkpoints unless resuming; remove the temporary folders of an interrupted
+        save; with overwrite, empty it of the last run. Rank 0 looks and deletes; the others learn its verdict
+        (all-reduce) and wait for the deletions (barrier), so nothing is written before them."""
         if resume and overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the run in "
                              f"{self.out_dir}, overwrite deletes it")
-        if overwrite:
-            if self.rank == 0:
+        if not (resume or overwrite) and self._any_rank(self.rank == 0 and bool(ckpt.list_checkpoints(self.out_dir))):
+            raise OutputDirInUse(f"train.output_dir {self.out_dir} holds checkpoints of an earlier run: pass --resume "
+                                 "to continue it, or --overwrite to delete it and start from scratch")
+        if self.rank == 0:
+            stale = ckpt.remove_stale_temporaries(self.out_dir)
+            if stale:
+                log.warning(f"removed {len(stale)} temporary folder(s) of an interrupted checkpoint save or deletion "
+                            f"from {self.out_dir}: {', '.join(stale)}")
+            if overwrite:
                 old = ckpt.list_checkpoints(self.out_dir)
                 for path in old:
                     ckpt.remove_checkpoint(path)
@@ -258,11 +304,35 @@ class Trainer:
                 shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
                 if old:
                     log.info(f"--overwrite: deleted {len(old)} checkpoints and the metrics of {self.out_dir}")
-            if dist.is_initialized():
-                dist.barrier()  # no rank reads or writes the folder before rank 0 has emptied it
-        elif not resume and self._any_rank(self.rank == 0 and bool(ckpt.list_checkpoints(self.out_dir))):
-            raise OutputDirInUse(f"train.output_dir {self.out_dir} holds checkpoints of an earlier run: pass --resume "
-                                 "to continue it, or --overwrite to delete it and start from scratch")
+        if dist.is_initialized():
+            dist.barrier()  # no rank reads or writes the folder before rank 0 has cleaned it
+
+    def _open_data(self):
+        """The train loader, opened (shards listed and counted) before the model is built, and the k-NN shards
+        checked, so that unusable data stops in seconds. DataError (or another of USER_ERRORS) on every rank where
+        it arose on any: the others would wait for it in the model's broadcast."""
+        cfg, error, loader = self.cfg, None, None
+        try:
+            check_data_device(cfg)
+            if not cfg.data.train_shards:
+                raise DataError("data.train_shards is empty: give shard paths or brace patterns, e.g. "
+                                "data.train_shards='shards/train-{000000..001281}.tar'")
+            ev = cfg.evaluation
+            if bool(ev.knn_train_shards) != bool(ev.knn_val_shards):
+                raise DataError("k-NN needs both evaluation.knn_train_shards and evaluation.knn_val_shards "
+                                "(or neither)")
+            for key in ("knn_train_shards", "knn_val_shards"):
+                if getattr(ev, key):
+                    check_knn_shards(f"evaluation.{key}", getattr(ev, key))
+            try:
+                loader = build_train_loader(cfg, self.rank, self.world)
+            except (OSError, ValueError) as e:  # the loader's checks of its shards and arguments (ShardError too)
+                raise DataError(f"data.train_shards: {e}") from e
+        except USER_ERRORS as e:
+            error = e
+        if self._any_rank(error is not None):
+            raise error or DataError("the training data could not be opened on another rank (its error says why)")
+        return loader
 
     # ---- state ------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -274,27 +344,46 @@ class Trainer:
         return ckpt.save_checkpoint(self.out_dir, self.step, sharded={"model": model_state, "optimizer": optim_state},
                                     meta=meta, rank_state={"rng": ckpt.rng_state()}, keep_last=self.cfg.train.keep_last)
 
-    def _resume(self) -> None:
-        """Restore the latest checkpoint, written by any number of ranks: model, teacher, optimiser, centres,
-        step and loss scaler exactly; the data position re-derived for this world size; the RNG streams exactly
-        when the world size is the same, else restarted from (seed, step, rank)."""
+    def _check_resume(self, allow_config_change: bool) -> tuple[Path, dict] | None:
+        """(the checkpoint --resume continues, its meta), or None where there is none. Rank 0 picks it and every rank
+        gets the same. ConfigChanged where cfg changes a key that shapes the saved state, or, unless
+        allow_config_change, a training key (both listed in the message); free keys' changes are logged."""
         path = [ckpt.latest_checkpoint(self.out_dir)]
         if dist.is_initialized():  # rank 0 decides: a shared file system may list the folder late elsewhere
             dist.broadcast_object_list(path, src=0)
         path = path[0]
         if path is None:
             log.info(f"--resume: no checkpoint in {self.out_dir}, starting from scratch")
-            return
+            return None
         meta = ckpt.load_meta(path)
-        saved = to_dict(from_dict(meta["config"]))
-        if saved["model"] != to_dict(self.cfg)["model"]:
-            raise ValueError(f"{path} was trained with a different model config: {saved['model']}")
+        changes = ckpt.config_changes(to_dict(from_dict(meta["config"])), meta["world_size"], to_dict(self.cfg),
+                                      self.world)
+        if changes["state"]:
+            raise ConfigChanged(f"cannot resume {path}: its weights have other shapes ({'; '.join(changes['state'])});"
+                                " set these keys back to the checkpoint's values")
+        if changes["training"] and not allow_config_change:
+            raise ConfigChanged(f"--resume from {path} would change the run's training: "
+                                f"{'; '.join(changes['training'])}. Set these keys back to the checkpoint's values, "
+                                "or pass --allow-config-change to continue with the new ones")
+        if changes["training"]:
+            log.warning(f"--allow-config-change: resuming {path} with {'; '.join(changes['training'])}")
+        if changes["free"]:
+            log.info(f"resuming {path} with {'; '.join(changes['free'])}")
+        return path, meta
+
+    def _resume(self, path: Path, meta: dict) -> None:
+        """Restore checkpoint `path` (with its `meta`), written by any number of ranks: model, teacher, optimiser,
+        centres, step and loss scaler exactly; the data position re-derived for this world size; the RNG streams
+        exactly when the world size is the same, else restarted from (seed, step, rank)."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         ckpt.load_sharded(path, {"model": model_state, "optimizer": optim_state})
         set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-        if meta["scaler"]:  # empty when saved without fp16 loss scaling
+        if meta["scaler"]:  # empty when saved without loss scaling
             self.scaler.load_state_dict(meta["scaler"])
-        self.loader.load_state_dict(meta["loader"])
+        try:
+            self.loader.load_state_dict(meta["loader"])
+        except ValueError as e:  # the shards hold another number of samples
+            raise DataError(f"data.train_shards cannot continue {path}: {e}") from e
         self.step = meta["step"]
         mine = ckpt.load_rank_state(path, self.rank)
         if meta["world_size"] == self.world and mine is not None:
@@ -316,8 +405,8 @@ class Trainer:
         Sinkhorn-Knopp normalises each micro-batch). Returns the step's StepMetrics: the losses and indicators
         averaged over micro-batches and ranks (one all_reduce, which also carries this rank's stop flag), gradient
         norms and schedule values, still on their way to the host. No host sync: the masks and their indices are
-        made on the host and sent non_blocking, and nothing is read back (but for fp16 loss scaling, whose
-        GradScaler reads its inf flag).
+        made on the host and sent non_blocking, and nothing is read back (but for loss scaling, under fp16 and bf16
+        precision, whose GradScaler reads its inf flag unless the optimiser is fused).
         """
         cfg = self.cfg
         if len(micro_batches) != cfg.train.grad_accum_steps:
@@ -401,10 +490,10 @@ class Trainer:
         if not all(math.isfinite(mean[part]) for part in LOSS_PARTS):
             bad = [f"{part} = {mine[part]}" for part in LOSS_PARTS if not math.isfinite(mine[part])]
             raise TrainingDiverged(
-                f"non-finite {', '.join(bad) or 'loss on another rank'} at step {metrics.step}; stopping. The last "
+                f"non-finite {', '.join(bad) or 'loss on another rank'} at step {metrics.step + 1}; stopping. The last "
                 f"good checkpoint in {self.out_dir} is intact (try a lower optim.base_lr or train.precision=fp32)"
             )
-        stop = mean.pop("stop") > 0
+        stop = mean.pop("stop") > 0  # (steps are numbered from 1, as in metrics.jsonl and checkpoint names)
         images = self.cfg.data.batch_size_per_gpu * self.world * self.cfg.train.grad_accum_steps
         record = {"step": metrics.step + 1, **mean, **{f"grad_norm_{k}": v for k, v in norms.items()},
                   **metrics.sched, "images_per_s": images / seconds}

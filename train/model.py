@@ -35,6 +35,14 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+def fp16_in_graph(autocast_dtype: torch.dtype | None) -> bool:
+    """Whether a step under autocast `autocast_dtype` (None: no autocast) computes anything in fp16: everything under
+    fp16, DINOHead's prototype layer under bf16. Such a step needs loss scaling (the trainer's GradScaler): the loss
+    ops write the logits' gradient in the logits' dtype, and at dinov2's sizes its entries, about
+    1 / (images x masked patches x student_temp x K) for iBOT, lie below fp16's smallest subnormal (6e-8)."""
+    return autocast_dtype in (torch.float16, torch.bfloat16)
+
+
 class DINOHead(nn.Module):
     """MLP (nlayers, GELU) -> L2-normalised bottleneck -> weight-normalised linear to K prototypes.
 
@@ -63,7 +71,8 @@ class DINOHead(nn.Module):
         device = x.device.type
         if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
             # The logits are cosines, divided by temperatures down to 0.04: bf16's 2^-8 steps near 1 would
-            # become 0.1 in the softmax; fp16 has 8x finer ones (dinov2 runs its heads in fp16).
+            # become 0.1 in the softmax; fp16 has 8x finer ones (dinov2 runs its heads in fp16). fp16 in the graph
+            # means loss scaling under bf16 too (fp16_in_graph, docs/training.md: Precision).
             with torch.autocast(device, dtype=torch.float16):
                 return self.last_layer(x)
         return self.last_layer(x)
