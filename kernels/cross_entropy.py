@@ -196,11 +196,10 @@ def _tables(student, stacked, teacher):
     return view_table(student[0].unbind(0) if stacked else student), view_table(teacher)
 
 
-def _eager_terms(student, stacked, teacher, row_lse, col, logit_scale, col_scale, exclude_same_view):
-    """The reference's (S, B, K) student logits and paired targets P, in the compute dtype."""
+def _eager_terms(student, stacked, teacher, row_lse, col, logit_scale, col_scale):
+    """The reference's (S, B, K) student logits and (T, B, K) targets, these in the compute dtype."""
     s = student[0] if stacked else torch.stack(student)
-    targets = reference.lazy_targets(teacher, row_lse, col, logit_scale, col_scale, reference.acc_dtype(s, teacher[0]))
-    return s, reference.paired_targets(targets, s.shape[0], exclude_same_view)
+    return s, reference.lazy_targets(teacher, row_lse, col, logit_scale, col_scale, reference.acc_dtype(s, teacher[0]))
 
 
 # The op: scale * sum_{v,b} w[b] CE(P_v[b], softmax(student_v[b] / student_temp)) -> (loss, lse, mass).
@@ -216,9 +215,9 @@ def _eager_terms(student, stacked, teacher, row_lse, col, logit_scale, col_scale
 def _cross_entropy_op(student, stacked, teacher, row_lse, col, weight, student_temp, logit_scale, col_scale, scale,
                       exclude_same_view, backend):
     if backend == "eager":
-        s, paired = _eager_terms(student, stacked, teacher, row_lse, col, logit_scale, col_scale, exclude_same_view)
-        # contiguous, as the fake implementation says, whatever the student's strides
-        return tuple(t.contiguous() for t in reference.cross_entropy(s, paired, weight, student_temp, scale))
+        s, targets = _eager_terms(student, stacked, teacher, row_lse, col, logit_scale, col_scale)
+        out = reference.cross_entropy(s, targets, weight, student_temp, scale, exclude_same_view)
+        return tuple(t.contiguous() for t in out)  # contiguous, as the fake implementation says
     table, t = _tables(student, stacked, teacher)
     S, B, K = table.shape
     device = table.base.device
@@ -249,8 +248,9 @@ def _cross_entropy_backward_op(grad_loss, student, stacked, teacher, row_lse, co
                                logit_scale, col_scale, scale, exclude_same_view, backend):
     """d loss / d student, (S, B, K) in the student's dtype: g * scale * w[b] / student_temp * (mass softmax(z) - P)."""
     if backend == "eager":
-        s, paired = _eager_terms(student, stacked, teacher, row_lse, col, logit_scale, col_scale, exclude_same_view)
-        grad = reference.cross_entropy_backward(grad_loss, s, paired, weight, lse, mass, student_temp, scale)
+        s, targets = _eager_terms(student, stacked, teacher, row_lse, col, logit_scale, col_scale)
+        grad = reference.cross_entropy_backward(grad_loss, s, targets, weight, mass, student_temp, scale,
+                                                exclude_same_view)
         return grad.contiguous()
     table, t = _tables(student, stacked, teacher)
     S, B, K = table.shape

@@ -196,40 +196,41 @@ def lazy_targets(teacher: list[torch.Tensor], row_lse: torch.Tensor | None, col:
     return torch.exp(t * logit_scale + col_scale * col.to(dtype) - row_lse.to(dtype).view(*t.shape[:2], 1))
 
 
-def paired_targets(targets: torch.Tensor, n_student: int, exclude_same_view: bool) -> torch.Tensor:
-    """(S, B, K): student view v's target P_v, the sum of the T teacher views, less view v itself
-    (if exclude_same_view and v < T)."""
-    total = targets.sum(dim=0, keepdim=True).expand(n_student, *targets.shape[1:])
-    if not exclude_same_view:
-        return total
-    own = targets[:n_student]
-    if own.shape[0] < n_student:
-        own = torch.cat([own, own.new_zeros(n_student - own.shape[0], *own.shape[1:])])
-    return total - own
+def cross_entropy(student: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None, student_temp: float,
+                  scale: float, exclude_same_view: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused losses' math, eagerly: (loss, lse, mass) for student logits (S, B, K) and targets (T, B, K).
 
-
-def cross_entropy(student: torch.Tensor, paired: torch.Tensor, weight: torch.Tensor | None, student_temp: float,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused losses' math, eagerly: (loss, lse, mass) with z = student / student_temp (S, B, K),
-    lse = logsumexp(z), mass = sum_k P, loss = scale * sum_{v,b} w[b] sum_k -P log_softmax(z)."""
-    z = student.to(paired.dtype) / student_temp
-    lse = torch.logsumexp(z, dim=-1)
-    ce = -(paired * (z - lse[..., None])).sum(dim=-1)
+    z = student / student_temp; student view v's target is P_v = sum_u p_u, less p_v if exclude_same_view
+    (and v < T); lse = logsumexp(z), mass = sum_k P, loss = scale * sum_{v,b} w[b] (lse * mass - sum_k P z).
+    P is never formed: -sum_k P_v log_softmax(z_v) is the summed targets' dot with it, less the own view's."""
+    z = student.to(targets.dtype) / student_temp
+    log_p = F.log_softmax(z, dim=-1)
+    lse = z[..., 0] - log_p[..., 0]  # log_p = z - lse
+    total = targets.sum(dim=0)
+    ce = -torch.einsum("bk,sbk->sb", total, log_p)
+    mass = total.sum(dim=-1).expand_as(ce).clone()
+    if exclude_same_view:
+        n = min(student.shape[0], targets.shape[0])
+        ce[:n] += torch.einsum("vbk,vbk->vb", targets[:n], log_p[:n])
+        mass[:n] -= targets[:n].sum(dim=-1)
     if weight is not None:
         ce = ce * weight.to(ce.dtype)
-    return ce.sum() * scale, lse, paired.sum(dim=-1)
+    return ce.sum() * scale, lse, mass
 
 
-def cross_entropy_backward(grad_loss: torch.Tensor, student: torch.Tensor, paired: torch.Tensor,
-                           weight: torch.Tensor | None, lse: torch.Tensor, mass: torch.Tensor, student_temp: float,
-                           scale: float) -> torch.Tensor:
-    """d loss / d student of cross_entropy: g * scale * w[b] / student_temp * (mass softmax(z) - P), in
-    the student's dtype."""
-    z = student.to(paired.dtype) / student_temp
-    coef = grad_loss.to(paired.dtype) * scale / student_temp
-    if weight is not None:
-        coef = coef * weight.to(paired.dtype)[:, None]
-    return (coef * (mass[..., None] * torch.exp(z - lse[..., None]) - paired)).to(student.dtype)
+def cross_entropy_backward(grad_loss: torch.Tensor, student: torch.Tensor, targets: torch.Tensor,
+                           weight: torch.Tensor | None, mass: torch.Tensor, student_temp: float, scale: float,
+                           exclude_same_view: bool) -> torch.Tensor:
+    """d loss / d student of cross_entropy: g * scale * w[b] / student_temp * (mass softmax(z) - P), in the
+    student's dtype (one (S, B, K) buffer, updated in place)."""
+    grad = torch.softmax(student.to(targets.dtype) / student_temp, dim=-1)  # exp(z - lse), recomputed fused
+    grad.mul_(mass[..., None]).sub_(targets.sum(dim=0))
+    if exclude_same_view:
+        n = min(student.shape[0], targets.shape[0])
+        grad[:n] += targets[:n]
+    coef = grad_loss.to(targets.dtype) * scale / student_temp
+    grad.mul_(coef if weight is None else coef * weight.to(targets.dtype)[:, None])
+    return grad.to(student.dtype)
 
 
 def dino_loss(student_output_list, teacher_out_softmaxed_centered_list, *, student_temp: float = 0.1,
