@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from dinotron.train import checkpoint as ckpt
 from dinotron.train import loop
 from dinotron.train.config import load_config
-from helpers import TINY, MemoryLoader, join_trainer_ranks
+from helpers import TINY, MemoryLoader, join_trainer_ranks, leave_ranks
 
 
 @pytest.fixture
@@ -176,8 +176,10 @@ def _two_rank_worker(rank, tmp_path, results):
         except loop.TrainingDiverged as err:
             out["diverged"] = str(err)
         results[rank] = out
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_ranks()
 
 
 def test_two_ranks_share_weights_and_stop_together(tmp_path):
@@ -283,8 +285,10 @@ def _two_rank_output_dir_worker(rank, tmp_path, results):
         out["masks"] = _record_masks(trainer)
         trainer.fit()
         results[rank] = out
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_ranks()
 
 
 def test_two_ranks_refuse_or_overwrite_together_and_mask_as_one(tmp_path, monkeypatch):
