@@ -53,6 +53,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -60,21 +61,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+# tests/helpers.py: the tests' tiny ViT (TINY) and in-memory loader (MemoryLoader), imported where used
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 STEPS = 10
 CHECKPOINT_EVERY = 2
 KEEP_LAST = 2
 BATCH = 4
 CHECKPOINTS = list(range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY))
-# The tests' tiny ViT (tests/helpers.py TINY).
-TINY_MODEL = [
-    "model.img_size=32",
-    "model.drop_path_rate=0.1",
-    "model.timm_kwargs={embed_dim: 32, depth: 2, num_heads: 2, patch_size: 8}",
-    "dino.head={n_prototypes: 64, hidden_dim: 32, bottleneck_dim: 16, nlayers: 3}",
-    "data.augment.global_size=32",
-    "data.augment.local_size=16",
-    "data.augment.n_local=2",
-]
 
 STEP_POINTS = ("forward", "backward", "optimizer")
 SAVE_POINTS = ("dcp", "dcp_metadata", "rank_state", "meta", "renamed", "prune")
@@ -87,44 +81,16 @@ _FINAL = re.compile(r"^checkpoint-(\d{8})$")
 
 # ---- the child: one training process ------------------------------------------------------------------------------
 
-class MemoryLoader:
-    """Batches that depend only on (epoch, position), with the loader state protocol of dinotron.pipeline."""
-
-    def __init__(self, batch_size: int, n_batches: int = 5):
-        self.batch_size, self.n_batches = batch_size, n_batches
-        self.epoch, self.position = 0, 0
-
-    def __len__(self):
-        return self.n_batches
-
-    def set_epoch(self, epoch):
-        self.epoch, self.position = epoch, 0
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state):
-        self.epoch, self.position = state["epoch"], state["position"]
-
-    def __iter__(self):
-        import torch
-
-        while self.position < self.n_batches:
-            g = torch.Generator().manual_seed(self.epoch * 100 + self.position)
-            self.position += 1
-            yield {"global_crops": torch.randn(2 * self.batch_size, 3, 32, 32, generator=g),
-                   "local_crops": torch.randn(2 * self.batch_size, 3, 16, 16, generator=g), "labels": None}
-
-
 def run_config(out: Path, data: dict | None, *overrides: str):
     """The soak's training config: tiny model, STEPS steps, a checkpoint every CHECKPOINT_EVERY, KEEP_LAST kept.
     data: None (in-memory batches, MemoryLoader) or {"shards": paths, "workers": DataLoader workers (0: read in
     this process)} for TorchvisionMultiCropLoader."""
     from dinotron.train.config import load_config
+    from helpers import TINY
 
     data = ([f"data.train_shards={data['shards']}", "data.loader=torchvision", "data.device=cpu",
              f"data.num_threads={data['workers']}"] if data else ["data.train_shards=[memory]"])
-    return load_config(None, TINY_MODEL + data + [
+    return load_config(None, TINY + data + [
         f"train.output_dir={out}", "train.epoch_length=4", "optim.epochs=3", "optim.warmup_epochs=1",
         "teacher.warmup_teacher_temp_epochs=1", f"data.batch_size_per_gpu={BATCH}", f"train.max_steps={STEPS}",
         f"train.checkpoint_every={CHECKPOINT_EVERY}", f"train.keep_last={KEEP_LAST}", "train.progress=false",
@@ -244,7 +210,9 @@ def child(job: dict, shared) -> None:
         tqdm.set_lock(threading.RLock())
         logging.getLogger("dinotron").setLevel(logging.WARNING)
         if not job["data"]:
-            loop.build_train_loader = lambda cfg, rank, world: MemoryLoader(cfg.data.batch_size_per_gpu)
+            from helpers import MemoryLoader
+
+            loop.build_train_loader = lambda cfg, rank, world: MemoryLoader(cfg.data.batch_size_per_gpu, n_batches=5)
         real_load = ckpt.load_sharded
 
         def load_sharded(path, state):

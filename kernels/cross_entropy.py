@@ -193,7 +193,10 @@ def _launch_config(S: int, T: int, B: int, K: int, device: torch.device) -> dict
 
 
 def _tables(student, stacked, teacher):
-    return view_table(student[0].unbind(0) if stacked else student), view_table(teacher)
+    """The student's and the teacher's view tables, and the launch configuration the two kernels share."""
+    table, t = view_table(student[0].unbind(0) if stacked else student), view_table(teacher)
+    S, B, K = table.shape
+    return table, t, _launch_config(S, t.n_views, B, K, table.base.device)
 
 
 def _eager_terms(student, stacked, teacher, row_lse, col, logit_scale, col_scale):
@@ -218,10 +221,9 @@ def _cross_entropy_op(student, stacked, teacher, row_lse, col, weight, student_t
         s, targets = _eager_terms(student, stacked, teacher, row_lse, col, logit_scale, col_scale)
         out = reference.cross_entropy(s, targets, weight, student_temp, scale, exclude_same_view)
         return tuple(t.contiguous() for t in out)  # contiguous, as the fake implementation says
-    table, t = _tables(student, stacked, teacher)
+    table, t, cfg = _tables(student, stacked, teacher)
     S, B, K = table.shape
     device = table.base.device
-    cfg = _launch_config(S, t.n_views, B, K, device)
     partial = torch.empty(4, cfg["splits"], S, B, dtype=torch.float32, device=device)
     _ce_fwd_kernel[(B, cfg["splits"])](
         table.base, table.view_stride, table.row_stride, t.base, t.view_stride, t.row_stride, col, row_lse, partial,
@@ -252,9 +254,8 @@ def _cross_entropy_backward_op(grad_loss, student, stacked, teacher, row_lse, co
         grad = reference.cross_entropy_backward(grad_loss, s, targets, weight, mass, student_temp, scale,
                                                 exclude_same_view)
         return grad.contiguous()
-    table, t = _tables(student, stacked, teacher)
+    table, t, cfg = _tables(student, stacked, teacher)
     S, B, K = table.shape
-    cfg = _launch_config(S, t.n_views, B, K, table.base.device)
     grad = torch.empty(S, B, K, dtype=table.base.dtype, device=table.base.device)
     _ce_bwd_kernel[(B, cfg["splits"])](
         table.base, table.view_stride, table.row_stride, t.base, t.view_stride, t.row_stride, col, row_lse, lse, mass,
@@ -308,7 +309,7 @@ def _cross_entropy(student_arg, student: list[torch.Tensor], targets: TeacherTar
     the gradient). Under torch.compile, whose tracer does not look at storages, the op stacks them
     itself when it must (once in forward, once in backward)."""
     stacked = isinstance(student_arg, torch.Tensor)
-    if not stacked and scattered(student):  # stacked in autograd: its backward is free (views of the gradient)
+    if not stacked and scattered(student):
         student_arg, stacked = torch.stack(student), True
     teacher = in_place_views([t.detach() for t in targets.views])
     return _cross_entropy_op(

@@ -44,7 +44,6 @@ row's pull on them is then lost in fp32 rounding, here as in the eager reference
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -53,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from dinotron.kernels import reference
+from dinotron.kernels import layout, reference
 from dinotron.kernels.backend import interpreter_enabled, resolve_backend
 
 
@@ -234,11 +233,6 @@ _BLOCK_M_BWD = 32
 _MIN_KEYS_PER_SPLIT = 256  # below this a split's work does not pay for the extra finishing launch
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _block_k(D: int) -> int:
     return min(64, max(16, triton.next_power_of_2(D)))
 
@@ -248,7 +242,7 @@ def _search_grid(B: int, N: int, device: torch.device) -> tuple[int, int, int]:
     BLOCK_M queries), and the keys split between programs until every SM has one."""
     block_m = min(64, max(16, triton.next_power_of_2(B)))
     row_blocks = triton.cdiv(B, block_m)
-    splits = max(1, min(triton.cdiv(_num_sms(device), row_blocks), N // _MIN_KEYS_PER_SPLIT))
+    splits = max(1, min(triton.cdiv(layout.num_sms(device), row_blocks), N // _MIN_KEYS_PER_SPLIT))
     keys_per_split = triton.cdiv(triton.cdiv(N, splits), _BLOCK_N) * _BLOCK_N
     return block_m, triton.cdiv(N, keys_per_split), keys_per_split
 

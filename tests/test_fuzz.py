@@ -610,7 +610,7 @@ KOLEO_KINDS = ("normal", "small", "huge", "ties", "duplicate_rows", "constant_ro
 
 def set_koleo_splits(mp: pytest.MonkeyPatch) -> None:
     """The search split between programs as on a 132-SM GPU, down to 16 keys a split (test_koleo's split_keys)."""
-    mp.setattr(koleo, "_num_sms", lambda device: 132)
+    mp.setattr(layout, "num_sms", lambda device: 132)
     mp.setattr(koleo, "_MIN_KEYS_PER_SPLIT", 16)
 
 

@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightly.loss import KoLeoLoss as LightlyKoLeoLoss
 
-from dinotron.kernels import KoLeoLoss, koleo, koleo_loss
+from dinotron.kernels import KoLeoLoss, koleo, koleo_loss, layout
 from dinotron.kernels import reference as ref
 from helpers import spy_launches
 from lowering import assert_lowers
@@ -161,7 +161,7 @@ def spy_search(monkeypatch):
 @pytest.fixture
 def split_keys(monkeypatch):
     """Make the search split the keys between programs as on a 132-SM GPU, down to one key tile."""
-    monkeypatch.setattr(koleo, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(layout, "num_sms", lambda device: 132)
     monkeypatch.setattr(koleo, "_MIN_KEYS_PER_SPLIT", 32)
 
 
@@ -181,7 +181,7 @@ def test_h100_split_search_matches_reference(monkeypatch):
     D = 100: 10 query blocks of 64 rows (the last 24), the keys in 2 splits of 320 (5 key blocks of
     64; the last split 280 keys, its last block 24), 2 feature tiles of 64 (the last 36), and the
     backward in 19 blocks of 32 rows (the last 24)."""
-    monkeypatch.setattr(koleo, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(layout, "num_sms", lambda device: 132)
     search, finish, bwd = spy_search(monkeypatch)
     assert_matches_reference(torch.randn(600, 100))
     assert search.grids() == [(10, 2)] and search.arg("keys_per_split") == [320] and search.arg("MERGE") == [True]
