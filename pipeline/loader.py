@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+import types
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -297,6 +299,11 @@ class BatchReader:
         return np.array(used, np.int64), data, sizes, decoded, bad
 
 
+def _weak(fn):
+    """A callable returning fn: a weak reference for a bound method (None once its object is gone)."""
+    return weakref.WeakMethod(fn) if isinstance(fn, types.MethodType) else lambda: fn
+
+
 class ReadAhead:
     """A background feeder: fn(position) for `first` and the positions after it (advance(position) -> the next, or
     None at the end) on `threads` threads, at most `depth` of them ahead of the consumer (a bounded queue).
@@ -306,16 +313,21 @@ class ReadAhead:
     """
 
     def __init__(self, fn, first, advance, *, depth: int, threads: int):
-        self.fn, self.advance, self.depth = fn, advance, depth
+        # Bound methods are held weakly: a loader keeping its own feeder would otherwise be a reference cycle, freed
+        # only by the garbage collector, which may run in a forked DataLoader worker; there a DALI pipeline's
+        # finaliser crashes the worker (seen: SIGSEGV in Pipeline._shutdown under PIL's import in the worker).
+        self._fn, self._advance = _weak(fn), _weak(advance)
+        self.depth = depth
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dinotron-read")
         self._queue: deque = deque()
         self._next = first
         self._fill()
 
     def _fill(self) -> None:
+        fn, advance = self._fn(), self._advance()
         while self._next is not None and len(self._queue) < self.depth:
-            self._queue.append((self._next, self._pool.submit(self.fn, self._next)))
-            self._next = self.advance(self._next)
+            self._queue.append((self._next, self._pool.submit(fn, self._next)))
+            self._next = advance(self._next)
 
     def __iter__(self):
         return self
