@@ -220,8 +220,8 @@ def build_multicrop_pipeline(cfg: MultiCropConfig, batch_size: int, *, device: s
     "params" ((n_views, N_PARAMS) float32 per sample). Outputs n_views batches of (3, S, S) normalised crops.
 
     view_ops: how each view is made from the decoded image. "compiled" (the default on CPU): one Numba-compiled
-    operator per view (crop_cpu.crop_ops: torchvision's integers, ~4x fewer CPU-ms per image than DALI's CPU operators
-    for the same chain on bench_pipeline's machine: resize ~10, jitter ~20, blur ~5 ms per image of 10 crops).
+    operator per view (crop_cpu.crop_ops: torchvision's integers; the graph takes 8.7 CPU-ms per image of 10 crops
+    where DALI's CPU operators for the same chain take 55-58 on bench_pipeline's 2-core machine).
     "dali" (the default on GPU, where the compiled operator does not run): DALI's resize, arithmetic, colour,
     blur and lookup-table operators; on CPU it runs the GPU graph's operators on CPU threads (tests)."""
     from nvidia.dali import fn, types
