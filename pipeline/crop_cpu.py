@@ -139,8 +139,8 @@ def _resized_crop(image, y0, x0, y1, x1, out, bicubic):
     """F.resized_crop(image, y0, x0, y1 - y0, x1 - x0, out's size, BICUBIC or BILINEAR, antialias=True) on uint8 HWC.
 
     The width pass runs on the transposed crop (so that both passes resample along axis 0, contiguously)."""
-    ch, cw, size_h, size_w = y1 - y0, x1 - x0, out.shape[0], out.shape[1]
-    crop = image[y0:y1, x0:x1]
+    crop = image[y0:y1, x0:x1]  # a box beyond the image is clipped (the sizes below are the crop's, never read past)
+    ch, cw, size_h, size_w = crop.shape[0], crop.shape[1], out.shape[0], out.shape[1]
     if cw != size_w:
         t = np.empty((cw, ch, 3), np.uint8)
         for y in range(ch):
