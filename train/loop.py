@@ -18,6 +18,7 @@ import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from dinotron.train import checkpoint as ckpt
@@ -236,19 +237,25 @@ class Trainer:
     Neither, where the folder holds checkpoints: OutputDirInUse on every rank, before anything is built.
     allow_config_change: resume even where cfg changes training keys of the checkpoint's config (logged); without
     it ConfigChanged lists them (`checkpoint.config_changes` sorts the keys).
+    loader: the batches to train on instead of cfg.data.train_shards' (a dinotron.pipeline loader or anything with
+    its protocol: iteration, set_epoch, state_dict, load_state_dict), e.g. synthetic batches in bench_step.
+
+    Profiler scopes (torch.profiler.record_function) name the parts of a step: dinotron/teacher,
+    dinotron/backbone, dinotron/heads, dinotron/losses, dinotron/backward, dinotron/optimizer, dinotron/ema.
 
     Before the model is built, in this order: temporary folders of an interrupted save are removed; a resume's
     config is compared with the checkpoint's; the train loader opens its shards and the k-NN shards are checked
     (DataError, on every rank together).
     """
 
-    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False,
+                 *, loader=None):
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed()
         self.out_dir = Path(cfg.train.output_dir)
         self._claim_output_dir(resume, overwrite)
         resume_from = self._check_resume(allow_config_change) if resume else None
-        self.loader = self._open_data()
+        self.loader = self._open_data() if loader is None else loader
         seed_everything(cfg.train.seed)  # the same initial weights on every rank (and broadcast, to be sure)
         self.model = DinoV2(cfg).to(self.device)
         if dist.is_initialized():
@@ -452,7 +459,8 @@ class Trainer:
             with self._gradient_sync(k == n_micro - 1), autocast:
                 out = self.model(global_crops, local_crops, masks[k], sched["teacher_temp"], mask_indices[k])
                 # FSDP2 / DDP average the gradients over ranks in the last micro-batch's backward
-                self.scaler.scale(out["loss"] / n_micro).backward()
+                with record_function("dinotron/backward"):
+                    self.scaler.scale(out["loss"] / n_micro).backward()
             torch._foreach_add_(updated, [centers[0] * cls_share[k], centers[1] * patch_share[k]])
             parts = torch.stack([v.detach().float() for v in out.values()])
             totals = parts if totals is None else totals + parts
@@ -463,14 +471,16 @@ class Trainer:
         if self.world > 1:  # every rank, every step, whatever the values: Trainer._record reads them
             dist.all_reduce(mean)
             mean /= self.world
-        self.scaler.unscale_(self.optimizer)
-        norms = clip_gradients(self.model.student, cfg.optim.clip_grad)
-        metrics = StepMetrics(self.step, [*out, "stop"], list(norms), sched,
-                              torch.cat([local, mean, torch.stack(list(norms.values()))]), timed_from)
-        self._timed_from = metrics.done  # the next step is timed from here, unless fit() pauses first
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.model.update_teacher(sched["momentum"])
+        with record_function("dinotron/optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            norms = clip_gradients(self.model.student, cfg.optim.clip_grad)
+            metrics = StepMetrics(self.step, [*out, "stop"], list(norms), sched,
+                                  torch.cat([local, mean, torch.stack(list(norms.values()))]), timed_from)
+            self._timed_from = metrics.done  # the next step is timed from here, unless fit() pauses first
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with record_function("dinotron/ema"):
+            self.model.update_teacher(sched["momentum"])
         self.step += 1
         return metrics
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch.nn.utils.parametrizations import weight_norm
+from torch.profiler import record_function
 
 from dinotron import kernels
 from dinotron.train.config import Config, HeadConfig, ModelConfig
@@ -228,13 +229,15 @@ class MultiCropModel(nn.ModuleDict):
         order). No host sync: the patches are picked by index_select, not by boolean indexing (nonzero)."""
         backbone = self.backbone
         input_masks = masks if mask_input else None
-        if pack and local_crops is not None:
-            g, local = backbone.forward_packed([(global_crops, input_masks), (local_crops, None)])
-        else:
-            g = backbone(global_crops, input_masks)
-            local = backbone(local_crops) if local_crops is not None else None
-        cls_tokens = g.cls if local is None else torch.cat([g.cls, local.cls])
-        cls_logits, patch_logits = self.heads(cls_tokens, g.patches.flatten(0, 1).index_select(0, mask_indices))
+        with record_function("dinotron/backbone"):
+            if pack and local_crops is not None:
+                g, local = backbone.forward_packed([(global_crops, input_masks), (local_crops, None)])
+            else:
+                g = backbone(global_crops, input_masks)
+                local = backbone(local_crops) if local_crops is not None else None
+        with record_function("dinotron/heads"):
+            cls_tokens = g.cls if local is None else torch.cat([g.cls, local.cls])
+            cls_logits, patch_logits = self.heads(cls_tokens, g.patches.flatten(0, 1).index_select(0, mask_indices))
         return g.cls, cls_logits, patch_logits
 
 
@@ -292,6 +295,7 @@ class DinoV2(nn.Module):
         self.__dict__["_student_forward"] = wrapper
 
     @torch.no_grad()
+    @record_function("dinotron/teacher")
     def teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor, mask_indices: torch.Tensor,
                         teacher_temp: float) -> dict:
         """Teacher probabilities for the student's DINO (cls) and iBOT (masked patch) targets: {"cls_probs",
@@ -347,7 +351,17 @@ class DinoV2(nn.Module):
             global_crops, masks, mask_indices, local_crops if has_local else None, pack=cfg.model.pack_crops
         )
 
-        n_views = cls_logits.shape[0] // (global_crops.shape[0] // n_global)
+        with record_function("dinotron/losses"):
+            losses = self._losses(global_crops.shape[0] // n_global, global_cls, cls_logits, patch_logits, masks,
+                                  targets)
+        return {**losses, **collapse_indicators(targets["cls_probs"], global_cls)}
+
+    def _losses(self, B: int, global_cls: torch.Tensor, cls_logits: torch.Tensor, patch_logits: torch.Tensor,
+                masks: torch.Tensor, targets: dict) -> dict:
+        """{"loss", "dino_loss", "koleo_loss", "ibot_loss"} of the student's outputs against the teacher's targets."""
+        cfg = self.cfg
+        n_global = cfg.data.augment.n_global
+        n_views = cls_logits.shape[0] // B
         student_views = cls_logits.unflatten(0, (n_views, -1))
         teacher_views = targets["cls_probs"].unflatten(0, (n_global, -1))
         # lightly's pairing, the mean over the pairs of different crops: dinov2's two dino_loss calls and their scales
@@ -368,7 +382,6 @@ class DinoV2(nn.Module):
             "dino_loss": dino,
             "koleo_loss": koleo,
             "ibot_loss": ibot,
-            **collapse_indicators(targets["cls_probs"], global_cls),
         }
 
     @torch.no_grad()
