@@ -36,6 +36,9 @@ class ModelConfig:
     pack_crops: bool = False  # run global and local crops through the blocks in one varlen pass
     compile: bool = False  # torch.compile the backbones
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    # Start student and teacher backbones from these weights (heads start fresh): a `dinotron export` folder or timm
+    # local-dir, a .safetensors/.pth file, or a timm pretrained name (from timm's cache); None: random init.
+    pretrained: str | None = None
 
 
 @dataclass

@@ -7,9 +7,11 @@ cross-view pairs, iBOT loss on masked patches, KoLeo on the student's global cls
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 
 import timm
@@ -140,6 +142,81 @@ def create_vit(cfg: ModelConfig, drop_path_rate: float) -> nn.Module:
         raise ValueError(f"model.arch: {cfg.arch!r} is not a timm VisionTransformer with a class token")
     return vit
 
+def pretrained_state(source: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights model.pretrained names, and the timm config.json beside them ({} where there is none).
+
+    source: a folder holding model.safetensors (or pytorch_model.bin / a single .pth) and config.json: `dinotron
+    export` output or a timm local-dir (the "local-dir:" prefix is accepted); a .safetensors / .pth / .pt / .bin
+    file; or a timm pretrained name ("vit_small_patch14_dinov2.lvd142m"), loaded by timm from its cache (downloaded
+    where the network allows)."""
+    path = Path(source.removeprefix("local-dir:")).expanduser()
+    if path.is_dir():
+        files = [path / n for n in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")]
+        files = [f for f in files if f.is_file()] or sorted(path.glob("*.pth"))
+        if not files:
+            raise ValueError(f"model.pretrained: folder {path} holds no model.safetensors, pytorch_model.bin or .pth")
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        return _read_weights(files[0]), config
+    if path.is_file():
+        return _read_weights(path), {}
+    if "/" in source or not timm.is_model(source.split(".")[0]):
+        raise ValueError(f"model.pretrained: {source!r} is neither a file, a folder nor a timm model name")
+    try:
+        vit = timm.create_model(source, pretrained=True, num_classes=0)
+    except Exception as e:  # noqa: BLE001  (hub errors, missing cache without network: all mean "not available")
+        raise ValueError(f"model.pretrained: timm could not load the weights of {source!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); without network, give a local file or folder") from e
+    return vit.state_dict(), {"architecture": source.split(".")[0]}
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix not in (".pth", ".pt", ".bin"):
+        raise ValueError(f"model.pretrained: {path} is not a .safetensors, .pth, .pt or .bin file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "teacher"):  # common wrappers (dinov2's checkpoints keep the teacher)
+        state = state.get(key, state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"model.pretrained: {path} holds no state dict")
+    return state
+
+
+def load_pretrained(backbone: Backbone, source: str, arch: str) -> None:
+    """Load model.pretrained into `backbone` (timm ViT + mask token): timm's checkpoint filter converts known
+    formats (dinov2's own keys too) and resamples the position embedding to the backbone's grid (crops of other
+    sizes interpolate it at run time); the mask token comes from the checkpoint where it has one (dinov2's). A
+    checkpoint of another architecture raises ValueError naming what differs."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state, config = pretrained_state(source)
+    vit = backbone.vit
+    heads = config.get("model_args", {}).get("num_heads")
+    if heads is not None and heads != vit.blocks[0].attn.num_heads:
+        raise ValueError(f"model.pretrained: {source} has {heads} attention heads, model.arch={arch} "
+                         f"{vit.blocks[0].attn.num_heads}: set model.arch / model.timm_kwargs to its architecture "
+                         f"({config.get('architecture')}, {config.get('model_args')})")
+    mask_token = state.get("mask_token")
+    state = {k: v for k, v in checkpoint_filter_fn(dict(state), vit).items() if not k.startswith(("head.", "fc_norm"))
+             or k in vit.state_dict()}
+    own = vit.state_dict()
+    wrong = {k: f"{tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if wrong or missing or unexpected:
+        found = f" (checkpoint architecture {config['architecture']})" if config.get("architecture") else ""
+        raise ValueError(
+            f"model.pretrained: {source}{found} does not match model.arch={arch}: "
+            + "; ".join(f"{what}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}" for what, items in
+                        (("shape (checkpoint vs model)", [f"{k} {s}" for k, s in wrong.items()]),
+                         ("missing", missing), ("unexpected", unexpected)) if items))
+    vit.load_state_dict(state)
+    if mask_token is not None and mask_token.numel() == backbone.mask_token.numel():
+        backbone.mask_token.data.copy_(mask_token.view_as(backbone.mask_token))
+
+
 def timm_model_args(cfg: ModelConfig) -> dict:
     """The timm.create_model keyword arguments that build the backbone (without drop path).
 
@@ -253,6 +330,8 @@ class DinoV2(nn.Module):
         mc = cfg.model
         student_backbone = Backbone(create_vit(mc, mc.drop_path_rate),
                                     mc.drop_path_rate if mc.drop_path_uniform else None)
+        if mc.pretrained:  # student and teacher start from it (the teacher is the student's copy)
+            load_pretrained(student_backbone, mc.pretrained, mc.arch)
         embed_dim = student_backbone.vit.embed_dim
         student = {"backbone": student_backbone, "dino_head": DINOHead(embed_dim, cfg.dino.head)}
         if cfg.ibot.separate_head:
