@@ -172,6 +172,20 @@ class TrainConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """Distillation (dinov2's ViT-g -> ViT-S/B/L): a frozen teacher of another architecture, whose own DINO / iBOT
+    heads and centres give the targets; the student (model.*, its own heads of the same prototypes) learns DINO +
+    iBOT + KoLeo from it; no EMA. k-NN and `dinotron export` then take the student."""
+
+    enabled: bool = False
+    teacher: str | None = None  # a `dinotron export` folder of the teacher run (backbone, heads, config)
+
+    def __post_init__(self):
+        if self.enabled and not self.teacher:
+            raise ValueError("distillation.enabled needs distillation.teacher: a `dinotron export` folder")
+
+
+@dataclass
 class FSDPConfig:
     reduce_dtype: Literal["bf16", "fp32"] = "bf16"  # gradient reduce-scatter; parameters compute in train.precision
     reshard_after_forward: bool = True  # free gathered parameters after forward (False: keep them for backward)
@@ -188,6 +202,7 @@ class Config:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
     def __post_init__(self):
         o = self.optim

@@ -136,13 +136,14 @@ def build_eval_loader(cfg: Config, shards: list[str], rank: int, world: int):
 
 
 def evaluate_knn(model: DinoV2, cfg: Config, device: torch.device, rank: int = 0, world: int = 1) -> dict[str, float]:
-    """Weighted k-NN top-1/top-5 of the teacher's cls features: train shards as memory, val as queries."""
+    """Weighted k-NN top-1/top-5 of model.evaluated's cls features (the teacher; the student when distilling): train
+    shards as memory, val as queries."""
     ev = cfg.evaluation
     autocast = _DTYPES[cfg.train.precision] if device.type == "cuda" else None
     was_training = model.training
     model.eval()
     try:
-        backbone = model.teacher.backbone
+        backbone = model.evaluated.backbone
         train_f, train_l = extract_features(backbone, build_eval_loader(cfg, ev.knn_train_shards, rank, world), device,
                                             autocast, image_size=ev.image_size)
         val_f, val_l = extract_features(backbone, build_eval_loader(cfg, ev.knn_val_shards, rank, world), device,

@@ -318,6 +318,40 @@ class MultiCropModel(nn.ModuleDict):
         return g.cls, cls_logits, patch_logits
 
 
+def build_multicrop(cfg: Config, drop_path_rate: float) -> MultiCropModel:
+    """cfg's backbone (random init) with its DINO head and, where separate, its iBOT head."""
+    mc = cfg.model
+    backbone = Backbone(create_vit(mc, drop_path_rate), drop_path_rate if mc.drop_path_uniform else None)
+    parts = {"backbone": backbone, "dino_head": DINOHead(backbone.vit.embed_dim, cfg.dino.head)}
+    if cfg.ibot.separate_head:
+        parts["ibot_head"] = DINOHead(backbone.vit.embed_dim, cfg.ibot.head)
+    return MultiCropModel(parts)
+
+
+HEADS_FILE = "heads.safetensors"  # `dinotron export`: the heads, mask token and centres beside model.safetensors
+
+
+def load_distillation_teacher(folder: str) -> tuple[MultiCropModel, dict[str, torch.Tensor]]:
+    """A `dinotron export` folder as a frozen teacher: (the MultiCropModel of the config it was trained with, holding
+    its backbone, heads and mask token; its {"dino_center", "ibot_center"}). ValueError where the folder has no
+    heads."""
+    from safetensors.torch import load_file
+
+    from dinotron.train.config import from_dict
+
+    path = Path(folder)
+    config_file, heads_file = path / "config.json", path / HEADS_FILE
+    if not (config_file.is_file() and heads_file.is_file()):
+        raise ValueError(f"distillation.teacher: {path} is not a `dinotron export` folder with heads (config.json "
+                         f"and {HEADS_FILE}); export the teacher run with `dinotron export --run RUN --out DIR`")
+    teacher_cfg = from_dict(json.loads(config_file.read_text())["dinotron"]["config"])
+    teacher = build_multicrop(teacher_cfg, 0.0)
+    load_pretrained(teacher.backbone, str(path), teacher_cfg.model.arch)
+    state = load_file(str(heads_file))
+    teacher.load_state_dict({**teacher.state_dict(), **{k: v for k, v in state.items() if not k.endswith("_center")}})
+    return teacher, {k: v for k, v in state.items() if k.endswith("_center")}
+
+
 class DinoV2(nn.Module):
     """Student and EMA teacher (backbone, DINO head, iBOT head) with dinov2's objective.
 
@@ -328,28 +362,41 @@ class DinoV2(nn.Module):
         super().__init__()
         self.cfg = cfg
         mc = cfg.model
-        student_backbone = Backbone(create_vit(mc, mc.drop_path_rate),
-                                    mc.drop_path_rate if mc.drop_path_uniform else None)
+        self.student = build_multicrop(cfg, mc.drop_path_rate)
         if mc.pretrained:  # student and teacher start from it (the teacher is the student's copy)
-            load_pretrained(student_backbone, mc.pretrained, mc.arch)
-        embed_dim = student_backbone.vit.embed_dim
-        student = {"backbone": student_backbone, "dino_head": DINOHead(embed_dim, cfg.dino.head)}
-        if cfg.ibot.separate_head:
-            student["ibot_head"] = DINOHead(embed_dim, cfg.ibot.head)
-        self.student = MultiCropModel(student)
-        self.teacher = copy.deepcopy(self.student)
+            load_pretrained(self.student.backbone, mc.pretrained, mc.arch)
+        self.register_buffer("dino_center", torch.zeros(1, cfg.dino.head.n_prototypes))
+        self.register_buffer("ibot_center", torch.zeros(1, self.ibot_prototypes))
+        if cfg.distillation.enabled:  # a frozen teacher of its own architecture, with its trained heads and centres
+            self.teacher, centers = load_distillation_teacher(cfg.distillation.teacher)
+            theirs = {k: tuple(v.shape) for k, v in centers.items()}
+            ours = {"dino_center": tuple(self.dino_center.shape), "ibot_center": tuple(self.ibot_center.shape)}
+            if theirs != ours:
+                raise ValueError(f"distillation.teacher: its heads' centres are {theirs}, this student's {ours}: set "
+                                 "dino.head.n_prototypes (and ibot.head) to the teacher's")
+            if self.teacher.backbone.patch_size != self.student.backbone.patch_size:
+                raise ValueError(f"distillation.teacher: patch size {self.teacher.backbone.patch_size}, this student "
+                                 f"{self.student.backbone.patch_size}: the iBOT masks need the same patches in both")
+            self.dino_center.copy_(centers["dino_center"])
+            self.ibot_center.copy_(centers["ibot_center"])
+        else:
+            self.teacher = copy.deepcopy(self.student)
         for block in self.teacher.backbone.vit.blocks:  # the teacher runs without stochastic depth
             block.drop_path1 = nn.Identity()
             block.drop_path2 = nn.Identity()
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.register_buffer("dino_center", torch.zeros(1, cfg.dino.head.n_prototypes))
-        self.register_buffer("ibot_center", torch.zeros(1, self.ibot_prototypes))
         if mc.attention == "dinotron":
             kernels.swap_timm_attention(self.student.backbone.vit)
             kernels.swap_timm_attention(self.teacher.backbone.vit)
         if mc.pack_crops and mc.attention != "dinotron":
             raise ValueError("model.pack_crops needs model.attention=dinotron (varlen attention)")
+
+    @property
+    def evaluated(self) -> MultiCropModel:
+        """The model k-NN evaluates and `dinotron export` writes: the EMA teacher (dinov2), or the student when
+        distilling (the teacher is someone else's model)."""
+        return self.student if self.cfg.distillation.enabled else self.teacher
 
     @property
     def ibot_prototypes(self) -> int:
@@ -466,7 +513,10 @@ class DinoV2(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """teacher = momentum * teacher + (1 - momentum) * student, over every parameter; under FSDP2 on each
-        rank's own shards (teacher and student are sharded alike), so no communication."""
+        rank's own shards (teacher and student are sharded alike), so no communication. Distilling: nothing (the
+        teacher stays frozen)."""
+        if self.cfg.distillation.enabled:
+            return
         t = local_tensors(self.teacher.parameters())
         s = local_tensors(self.student.parameters())
         torch._foreach_mul_(t, momentum)
