@@ -1,4 +1,5 @@
 # `make test` / `make lint` / `make demo` set up .venv on first use (or when pyproject.toml changes), then run.
+# The test and demo extras include the train extra: .venv holds everything the tests and the demo import.
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
@@ -24,4 +25,4 @@ demo: $(STAMP)
 	$(VENV)/bin/dinotron demo --config configs/demo.yaml --out runs/demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

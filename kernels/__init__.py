@@ -12,17 +12,30 @@ from dinotron.kernels.flash_attention import (
     packed_sequences,
     swap_timm_attention,
 )
+from dinotron.kernels.fused_head import (
+    FusedHeadDINOLoss,
+    FusedHeadIBOTLoss,
+    fused_head_dino_loss,
+    fused_head_ibot_loss,
+)
+from dinotron.kernels.gram import GramLoss, gram_loss
 from dinotron.kernels.koleo import KoLeoLoss, koleo_loss
 from dinotron.kernels.sinkhorn_knopp import sinkhorn_knopp_teacher
 from dinotron.kernels.softmax_center import softmax_center_and_update_teacher, softmax_center_teacher, update_center
 
 __all__ = [
     "DINOLoss",
+    "FusedHeadDINOLoss",
+    "FusedHeadIBOTLoss",
+    "GramLoss",
     "IBOTPatchLoss",
     "KoLeoLoss",
     "attention",
     "attention_varlen",
     "dino_loss",
+    "fused_head_dino_loss",
+    "fused_head_ibot_loss",
+    "gram_loss",
     "ibot_patch_loss",
     "koleo_loss",
     "make_cu_seqlens",

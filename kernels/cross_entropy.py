@@ -19,6 +19,35 @@ recomputed on the fly, so softmax-centred and Sinkhorn-Knopp targets are never s
 Backward, same grid: grad[v,b,k] = g * scale * w[b] / student_temp * (mass[v,b] softmax(z_v[b])[k] - P_v[b,k]),
 written once, in the logits' dtype. Everything accumulates in fp32; inputs may be fp32, fp16 or bf16.
 
+Tiles and grid: the student tile is (S_PAD, BLOCK_K), S_PAD = next_pow2(S), BLOCK_K = 4096 / S_PAD; the
+teacher tile (T_PAD, BLOCK_K), T_PAD = next_pow2(T), so the targets' exps run on the T real teacher rows
+(DINO: 2, not S_PAD = 16), and the own view a student row drops is selected from it (T_PAD selects, no
+exp). Splits start at multiples of BLOCK_K (blocks_per_split * BLOCK_K) and blocks are masked against K
+only, so the column blocks' 16-byte alignment is visible to the compiler whatever the split count; with
+the 16-divisible row and view strides the JIT specialises, the loads are 16-byte vectors for any view
+count, iBOT's S = T = 1 included. Both streaming loops are software-pipelined (tl.range num_stages=3:
+the next two blocks are copied by cp.async while one is reduced). layout.k_splits sizes the (B, splits)
+grid to one wave of _CTAS_PER_SM programs per SM: B = 128 on 132 SMs gives 2 splits of 128 blocks,
+256 programs (was 5 splits, 640 programs for 396 slots: 1.6 waves); B = 64, 4 splits; iBOT's thousands
+of masked rows, one split each.
+
+Cost, DINO at B = 128, K = 65536, S = 2 + 8, T = 2 (the fused-loss step of DINOLoss; issue 15):
+    forward   reads the S + T views once:          12 x 128 x 65536 x 2 B = 201 MB bf16 (403 MB fp32)
+    backward  reads them again, writes the grad:   201 + 168 = 369 MB bf16 (738 MB fp32)
+    teacher   softmax centring pass (softmax_center.py): 33.5 MB bf16 (67 MB fp32)
+    in all 604 MB bf16 -> 201 us at 3.0 TB/s; 1208 MB fp32 -> 403 us (against the 0.40 ms target).
+Exps: S + T per row and column in each kernel (100 M, 27 us of MUFU at 132 SMs x 16/clk), under the
+memory time; the padded teacher tile made it S + 16 (218 M, 59 us, near bf16's memory time of 67 us).
+sm_90 compile (Triton 3.8 + ptxas, 8 warps, num_stages 3; registers / dynamic shared memory / CTAs per SM
+by registers and shared memory; no spills, STACK and LOCAL 0 in every case):
+    _ce_fwd_kernel DINO (S_PAD 16, T_PAD 2, BLOCK_K 256, teacher logits)  bf16  80 / 22 KiB / 3   fp32 128 / 40 KiB / 2
+    _ce_bwd_kernel DINO                                                 bf16  80 / 21 KiB / 3   fp32  93 / 40 KiB / 2
+    _ce_fwd_kernel iBOT (S_PAD = T_PAD = 1, BLOCK_K 4096)                 bf16  48 / 64 KiB / 3   fp32  58 / 96 KiB / 2
+    _ce_bwd_kernel iBOT                                                 bf16  32 / 64 KiB / 3   fp32  40 / 96 KiB / 2
+The student tile streams through cp.async.cg 16-byte copies (2 per thread per block), the teacher and
+centre rows through 4-byte ones (2 rows x 256 columns are 2 elements a thread); the one ld.global left
+is the teacher rows' lse, before the loop.
+
 The op dinotron::cross_entropy (with dinotron::cross_entropy_backward as its registered autograd, and
 fake implementations for torch.compile) runs these kernels, or the same math eagerly from
 kernels/reference.py (CPU, float64, backend="eager"): torch.compile and CUDA graphs see one node, and
@@ -56,29 +85,35 @@ from dinotron.kernels.softmax_center import softmax_center_targets, update_cente
 
 @triton.jit
 def _row_setup(S_PTR, s_view_stride, s_row_stride, T_PTR, t_view_stride, t_row_stride, ROW_LSE, n_rows, K,
-               n_s_views, n_t_views, cols_per_split, V_PAD: tl.constexpr, TEACHER_LOGITS: tl.constexpr):
-    """Program (row, split): per view v, pointers to row `row` of the student and teacher views and
-    the teacher row's lse; and the split's columns [k_start, k_end)."""
+               n_s_views, n_t_views, blocks_per_split, S_PAD: tl.constexpr, T_PAD: tl.constexpr,
+               BLOCK_K: tl.constexpr, TEACHER_LOGITS: tl.constexpr):
+    """Program (row, split): pointers to row `row` of each student view v < S_PAD and teacher view u < T_PAD,
+    the teacher rows' lse, and the split's columns [k_start, k_end). k_start is a multiple of BLOCK_K by
+    construction (blocks_per_split * BLOCK_K), so the compiler sees 16-byte aligned column blocks whatever
+    blocks_per_split is, and loads vectorise (with 16-divisible row strides, which the JIT specialises)."""
     row = tl.program_id(0)
-    k_start = tl.program_id(1) * cols_per_split
-    k_end = tl.minimum(k_start + cols_per_split, K)
-    v = tl.arange(0, V_PAD)
+    k_start = tl.program_id(1) * blocks_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + blocks_per_split * BLOCK_K, K)
+    v = tl.arange(0, S_PAD)
+    u = tl.arange(0, T_PAD)
     s_valid = v < n_s_views
-    t_valid = v < n_t_views
+    t_valid = u < n_t_views
     row64 = row.to(tl.int64)
-    v64 = v.to(tl.int64)
-    s_rows = S_PTR + v64 * s_view_stride + row64 * s_row_stride
-    t_rows = T_PTR + v64 * t_view_stride + row64 * t_row_stride
-    t_lse = tl.zeros((V_PAD,), tl.float32)
+    s_rows = S_PTR + v.to(tl.int64) * s_view_stride + row64 * s_row_stride
+    t_rows = T_PTR + u.to(tl.int64) * t_view_stride + row64 * t_row_stride
+    t_lse = tl.zeros((T_PAD,), tl.float32)
     if TEACHER_LOGITS:
-        t_lse = tl.load(ROW_LSE + v * n_rows + row, mask=t_valid, other=0.0)
-    return row, k_start, k_end, v, s_valid, t_valid, s_rows, t_rows, t_lse
+        t_lse = tl.load(ROW_LSE + u * n_rows + row, mask=t_valid, other=0.0)
+    return row, k_start, k_end, v, s_valid, u, t_valid, s_rows, t_rows, t_lse
 
 
 @triton.jit
-def _tiles(s_rows, s_valid, t_rows, t_valid, t_lse, COL, k, k_mask, s_scale, logit_scale, col_scale,
-           TEACHER_LOGITS: tl.constexpr, EXCLUDE_SAME_VIEW: tl.constexpr):
-    """(V_PAD, BLOCK_K) tiles: student z = logits * s_scale (0 off the mask) and the paired targets P."""
+def _tiles(s_rows, v, s_valid, t_rows, u, t_valid, t_lse, COL, k, K, s_scale, logit_scale, col_scale,
+           TEACHER_LOGITS: tl.constexpr, EXCLUDE_SAME_VIEW: tl.constexpr, T_PAD: tl.constexpr):
+    """Tiles of the block k (BLOCK_K columns; only the last block of a row has columns >= K): the student's
+    z = logits * s_scale, (S_PAD, BLOCK_K), 0 off the mask, and the paired targets P of each student view,
+    from a (T_PAD, BLOCK_K) teacher tile (the exps run on the T real teacher rows only, not on S_PAD)."""
+    k_mask = k < K
     z = tl.load(s_rows[:, None] + k[None, :], mask=s_valid[:, None] & k_mask[None, :],
                 other=0.0).to(tl.float32) * s_scale
     t_mask = t_valid[:, None] & k_mask[None, :]
@@ -86,31 +121,35 @@ def _tiles(s_rows, s_valid, t_rows, t_valid, t_lse, COL, k, k_mask, s_scale, log
     if TEACHER_LOGITS:
         col = tl.load(COL + k, mask=k_mask, other=0.0).to(tl.float32)
         p = tl.where(t_mask, tl.exp(p * logit_scale + col_scale * col[None, :] - t_lse[:, None]), 0.0)
-    total = tl.sum(p, axis=0)[None, :]  # every teacher view (S = T = 1: the same patch, iBOT)
-    p = total - p if EXCLUDE_SAME_VIEW else total + tl.zeros_like(p)
-    return z, p
+    total = tl.sum(p, axis=0)[None, :] + tl.zeros_like(z)  # every teacher view (S = T = 1: the patch, iBOT)
+    if EXCLUDE_SAME_VIEW:  # less the own view: student row v takes teacher row v (T_PAD selects, no exp)
+        for own in tl.static_range(T_PAD):
+            p_own = tl.sum(tl.where(u[:, None] == own, p, 0.0), axis=0)
+            total = tl.where(v[:, None] == own, total - p_own[None, :], total)
+    return z, total, k_mask
 
 
 @triton.jit
 def _ce_fwd_kernel(
     S_PTR, s_view_stride, s_row_stride, T_PTR, t_view_stride, t_row_stride, COL, ROW_LSE, PARTIAL,
-    n_rows, K, n_s_views, n_t_views, cols_per_split, s_scale, logit_scale, col_scale,
-    V_PAD: tl.constexpr, BLOCK_K: tl.constexpr, TEACHER_LOGITS: tl.constexpr, EXCLUDE_SAME_VIEW: tl.constexpr,
+    n_rows, K, n_s_views, n_t_views, blocks_per_split, s_scale, logit_scale, col_scale,
+    S_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
+    EXCLUDE_SAME_VIEW: tl.constexpr,
 ):
     """Program (b, split): PARTIAL[{max, sum, dot, mass}, split, v, b] over the split's columns."""
-    row, k_start, k_end, v, s_valid, t_valid, s_rows, t_rows, t_lse = _row_setup(
+    row, k_start, k_end, v, s_valid, u, t_valid, s_rows, t_rows, t_lse = _row_setup(
         S_PTR, s_view_stride, s_row_stride, T_PTR, t_view_stride, t_row_stride, ROW_LSE, n_rows, K, n_s_views,
-        n_t_views, cols_per_split, V_PAD, TEACHER_LOGITS,
+        n_t_views, blocks_per_split, S_PAD, T_PAD, BLOCK_K, TEACHER_LOGITS,
     )
-    m = tl.full((V_PAD,), float("-inf"), tl.float32)
-    s = tl.zeros((V_PAD,), tl.float32)
-    dot = tl.zeros((V_PAD,), tl.float32)
-    mass = tl.zeros((V_PAD,), tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < k_end
-        z, p = _tiles(s_rows, s_valid, t_rows, t_valid, t_lse, COL, k, k_mask, s_scale, logit_scale, col_scale,
-                      TEACHER_LOGITS, EXCLUDE_SAME_VIEW)
+    m = tl.full((S_PAD,), float("-inf"), tl.float32)
+    s = tl.zeros((S_PAD,), tl.float32)
+    dot = tl.zeros((S_PAD,), tl.float32)
+    mass = tl.zeros((S_PAD,), tl.float32)
+    # num_stages=3: the loads of the next two blocks are issued (cp.async into shared memory) while this
+    # one is reduced; the block's addresses do not depend on loaded data, so the loop pipelines
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=3):
+        z, p, k_mask = _tiles(s_rows, v, s_valid, t_rows, u, t_valid, t_lse, COL, k0 + tl.arange(0, BLOCK_K), K,
+                              s_scale, logit_scale, col_scale, TEACHER_LOGITS, EXCLUDE_SAME_VIEW, T_PAD)
         z_lse = tl.where(k_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z_lse, axis=1))
         pivot = lse_pivot(m_new)
@@ -160,15 +199,15 @@ def _ce_combine_kernel(PARTIAL, WEIGHT, LSE, MASS, LOSS, n_out, n_rows, n_splits
 @triton.jit
 def _ce_bwd_kernel(
     S_PTR, s_view_stride, s_row_stride, T_PTR, t_view_stride, t_row_stride, COL, ROW_LSE, LSE, MASS, WEIGHT,
-    GRAD_LOSS, GRAD, grad_view_stride, n_rows, K, n_s_views, n_t_views, cols_per_split, s_scale, logit_scale,
+    GRAD_LOSS, GRAD, grad_view_stride, n_rows, K, n_s_views, n_t_views, blocks_per_split, s_scale, logit_scale,
     col_scale, scale,
-    V_PAD: tl.constexpr, BLOCK_K: tl.constexpr, TEACHER_LOGITS: tl.constexpr, EXCLUDE_SAME_VIEW: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
+    S_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
+    EXCLUDE_SAME_VIEW: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     """Program (b, split): GRAD[v, b, k] for the split's columns; GRAD is (S, B, K) contiguous."""
-    row, k_start, k_end, v, s_valid, t_valid, s_rows, t_rows, t_lse = _row_setup(
+    row, k_start, k_end, v, s_valid, u, t_valid, s_rows, t_rows, t_lse = _row_setup(
         S_PTR, s_view_stride, s_row_stride, T_PTR, t_view_stride, t_row_stride, ROW_LSE, n_rows, K, n_s_views,
-        n_t_views, cols_per_split, V_PAD, TEACHER_LOGITS,
+        n_t_views, blocks_per_split, S_PAD, T_PAD, BLOCK_K, TEACHER_LOGITS,
     )
     lse = tl.load(LSE + v * n_rows + row, mask=s_valid, other=0.0)
     mass = tl.load(MASS + v * n_rows + row, mask=s_valid, other=0.0)
@@ -176,20 +215,25 @@ def _ce_bwd_kernel(
     if HAS_WEIGHT:
         coef *= tl.load(WEIGHT + row)
     g_rows = GRAD + v.to(tl.int64) * grad_view_stride + row.to(tl.int64) * K
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=3):  # pipelined as the forward's loop
         k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < k_end
-        z, p = _tiles(s_rows, s_valid, t_rows, t_valid, t_lse, COL, k, k_mask, s_scale, logit_scale, col_scale,
-                      TEACHER_LOGITS, EXCLUDE_SAME_VIEW)
+        z, p, k_mask = _tiles(s_rows, v, s_valid, t_rows, u, t_valid, t_lse, COL, k, K, s_scale, logit_scale,
+                              col_scale, TEACHER_LOGITS, EXCLUDE_SAME_VIEW, T_PAD)
         g = coef * (mass[:, None] * tl.exp(z - lse[:, None]) - p)
         tl.store(g_rows[:, None] + k[None, :], g.to(GRAD.dtype.element_ty), mask=s_valid[:, None] & k_mask[None, :])
 
 
+# CTAs per SM the sizing of the grid counts on: the sm_90 compile of both kernels at S_PAD 16 x BLOCK_K 256
+# (module docstring) fits 2 CTAs of 8 warps per SM in fp32 (128 / 93 registers) and 3 in bf16; 2 keeps the
+# grid within one wave in either dtype
+_CTAS_PER_SM = 2
+
+
 def _launch_config(S: int, T: int, B: int, K: int, device: torch.device) -> dict:
-    v_pad = triton.next_power_of_2(max(S, T))
-    block_k = max(16, min(tile(4096) // v_pad, triton.next_power_of_2(K)))
-    splits, cols_per_split = k_splits(B, K, block_k, device)
-    return dict(v_pad=v_pad, block_k=block_k, splits=splits, cols_per_split=cols_per_split)
+    s_pad, t_pad = triton.next_power_of_2(S), triton.next_power_of_2(T)
+    block_k = max(16, min(tile(4096) // s_pad, triton.next_power_of_2(K)))  # a (S_PAD, BLOCK_K) tile: 4096 elements
+    splits, blocks_per_split = k_splits(B, K, block_k, device, _CTAS_PER_SM)
+    return dict(s_pad=s_pad, t_pad=t_pad, block_k=block_k, splits=splits, blocks_per_split=blocks_per_split)
 
 
 def _tables(student, stacked, teacher):
@@ -227,8 +271,8 @@ def _cross_entropy_op(student, stacked, teacher, row_lse, col, weight, student_t
     partial = torch.empty(4, cfg["splits"], S, B, dtype=torch.float32, device=device)
     _ce_fwd_kernel[(B, cfg["splits"])](
         table.base, table.view_stride, table.row_stride, t.base, t.view_stride, t.row_stride, col, row_lse, partial,
-        B, K, S, t.n_views, cfg["cols_per_split"], 1.0 / student_temp, logit_scale, col_scale,
-        V_PAD=cfg["v_pad"], BLOCK_K=cfg["block_k"], TEACHER_LOGITS=row_lse is not None,
+        B, K, S, t.n_views, cfg["blocks_per_split"], 1.0 / student_temp, logit_scale, col_scale,
+        S_PAD=cfg["s_pad"], T_PAD=cfg["t_pad"], BLOCK_K=cfg["block_k"], TEACHER_LOGITS=row_lse is not None,
         EXCLUDE_SAME_VIEW=exclude_same_view, num_warps=8,
     )
     lse, mass = (torch.empty(S, B, dtype=torch.float32, device=device) for _ in range(2))  # outputs: no aliasing
@@ -259,9 +303,9 @@ def _cross_entropy_backward_op(grad_loss, student, stacked, teacher, row_lse, co
     grad = torch.empty(S, B, K, dtype=table.base.dtype, device=table.base.device)
     _ce_bwd_kernel[(B, cfg["splits"])](
         table.base, table.view_stride, table.row_stride, t.base, t.view_stride, t.row_stride, col, row_lse, lse, mass,
-        weight, grad_loss.contiguous(), grad, B * K, B, K, S, t.n_views, cfg["cols_per_split"], 1.0 / student_temp,
-        logit_scale, col_scale, scale,
-        V_PAD=cfg["v_pad"], BLOCK_K=cfg["block_k"], TEACHER_LOGITS=row_lse is not None,
+        weight, grad_loss.contiguous(), grad, B * K, B, K, S, t.n_views, cfg["blocks_per_split"],
+        1.0 / student_temp, logit_scale, col_scale, scale,
+        S_PAD=cfg["s_pad"], T_PAD=cfg["t_pad"], BLOCK_K=cfg["block_k"], TEACHER_LOGITS=row_lse is not None,
         EXCLUDE_SAME_VIEW=exclude_same_view, HAS_WEIGHT=weight is not None, num_warps=8,
     )
     return grad

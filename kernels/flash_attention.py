@@ -6,18 +6,102 @@ probabilities block by block in two launches (dQ per query tile, which also stor
 delta = rowsum(dO * O); then dK, dV per key tile). fp16/bf16 inputs, fp32 accumulation, head dim
 D in {64, 128}, any sequence length.
 
-Ragged edges: ViT sequences are 257 (global crop), 50 (local crop) or 1370 tokens, so a plain
-tiling wastes up to a third of a launch on a last tile that holds one row. Here each sequence is
-covered by L // BLOCK tiles of BLOCK rows and then by TAIL-row tiles (TAIL = 16 or 32), in the
-grid (query tiles) and in the inner loops (key tiles) alike: with BLOCK_M = 128, BLOCK_N = 64 and
-TAILs of 16, a 257-token head runs two 128-row tiles and one 16-row tile, each looping over four
-64-key blocks and one 16-key block. The autotuner picks the sizes per sequence length.
+Tiles. ViT sequences are 257 (global crop), 50 (local crop) or 1370 tokens. A sequence of L rows
+runs as cdiv(L, BLOCK) CTAs (BLOCK = BLOCK_M query rows in the forward and dQ launches, BLOCK_N key
+rows in the dK/dV launch): full tiles, then one last tile for the rows left, run as a TAIL-row tile
+when they fit in TAIL (16, 32 or 64) and as a masked BLOCK-row tile otherwise. The inner loops
+(keys, or queries for dK/dV) take full blocks, then TAIL-row steps. One CTA per BLOCK rows is the
+fewest a BLOCK allows; covering the rows left with several TAIL-row tiles, as before, spent a CTA
+(and a whole pass over K/V) per TAIL rows:
+    N=1370 BLOCK_M=128 TAIL_M=16: 10 + 6 tail CTAs = 16 (37 % of the CTAs for 90 rows, 7 %)
+                                  -> 11 CTAs (-31 %), at +2.3 % MMA rows (1408 vs 1376)
+    N=1370 BLOCK_M=64:  21 + 2 = 23 -> 22 CTAs;  N=50 BLOCK_M=64: 4 tiles of 16 rows -> 1 of 64
+    N=257: unchanged, 4 + 1 (BLOCK_M=64) or 2 + 1 (128) CTAs, the last a 16-row tile holding 1 row.
 
 Varlen (as flash-attn's varlen API and xformers' BlockDiagonalMask): q/k/v (total_tokens, H, D)
 with int32 offsets cu_seqlens (n_seqs + 1,); each sequence attends only to itself, so a step's global
 and local crops go through one launch. max_seqlen is a host int (flash-attn's convention): it sizes
 the grid, so nothing is read back from the device; the offsets' values are checked on the device
 (torch._assert_async, see checks.check_cu_seqlens).
+
+Compact varlen schedule. A launch's work items are the row tiles of every sequence, in order.
+tile_schedule builds on the device (one small launch, no host sync) the running sum of
+cdiv(length, BLOCK) per sequence for each BLOCK in SCHEDULE_BLOCKS; program w finds its (sequence,
+tile) by binary search of that row (log2(n_seqs) loads from L2). Empty sequences own no item. The
+grid, sized on the host from shapes and max_seqlen, is the upper bound on the item count for
+n_seqs sequences of T tokens, min(n_seqs * cdiv(max_seqlen, BLOCK), (T + n_seqs * (BLOCK - 1)) //
+BLOCK), reached when every length is 1 mod BLOCK; programs past the last item exit at once. At the
+packed ViT-S step (128 images x (2 x 257 + 8 x 50) tokens, 1280 sequences; CTAs per head, x 6 heads):
+    BLOCK  work items  grid (empty)    before: grid (empty), sized n_seqs x tiles of 257 tokens
+     16      8448      8512 (0.8 %)
+     32      4352      4896 (11 %)
+     64      2304      3088 (25 %)     8960 (40 %, 5376 items with TAIL 16)
+    128      1792      2184 (18 %)    11520 (58 %, 4864 items with TAIL 16)
+A grid with no empty program needs the exact count on the host, or a persistent grid of
+cdiv(T, BLOCK) programs looping over items; that loop costs ptxas 55 registers (170 vs 115 at
+64 x 64 tiles, 4 warps, D=64: the tile's loop-invariant state stays live across items) and moving
+the tile into a non-inlined function serialises its wgmma (ptxas C7510), so the bound is kept.
+
+Backward: 7 matmuls (dQ launch: S = Q K^T, dP = dO V^T, dQ = dS K; dK/dV launch: S^T, dV = P^T dO,
+dP^T, dK = dS^T Q), kept over FA2's 5 (one launch per key tile, dQ accumulated across key tiles),
+because no deterministic 5-matmul form is cheaper on the roofline (3.0 TB/s, 700 TFLOP/s; E = the
+bytes of one (T, H, D) bf16 tensor, R = T x H x 4 bytes):
+    7 matmuls, 2 launches: 12 E + 4 R  (q, k, v, dO read twice, o once; dq, dk, dv written)
+    5 matmuls, fp32 atomics into dq (FA2): 15 E + 3 R (delta pass reads o, dO; zeroed and written-back
+      fp32 dq, then cast) and run-to-run differences in dq's last bits
+    5 matmuls, one dq partial per key tile (deterministic, as FA2's deterministic mode): + 4 E per key tile
+    5 matmuls, one program per (sequence, head) accumulating dq in order: deterministic, ~12 E if its
+      q, dO and fp32 dq stay in L2 between key tiles, but that is N x D x 12 bytes per program (700 KiB
+      at N=1370 for ~264 resident programs, over H200's 50 MB L2) and its grid is only B x H
+    5 matmuls, key tiles adding to dq in order behind a per-tile semaphore (FA3's deterministic mode):
+      ~15 E, but a spin-wait that cannot be checked without a GPU (a deadlock would hang training)
+The packed ViT-S step and the N=257 / N=50 shapes are memory-bound (bytes time > MMA time in the
+table below), so cutting 2 of 7 matmuls buys nothing there while every form above adds bytes; only
+N=1370 is MMA-bound (7 matmuls 1230 us vs 879 us at 5, with atomics).
+
+Roofline per call (HBM bytes, K/V re-reads from L2 not counted; useful FLOPs; time = the larger of
+bytes / 3.0 TB/s and FLOPs / 700 TFLOP/s, bf16):
+    shape                                  forward                   backward (7 matmuls)
+    N=257  B=128  H=6  D=64  (ViT-S global)  102 MB  13 GF   34 us mem    306 MB   45 GF  102 us mem
+    N=50   B=1024 H=6  D=64  (ViT-S local)   159 MB   4 GF   53 us mem    477 MB   14 GF  159 us mem
+    N=1370 B=32   H=16 D=64  (ViT-L 518 px)  362 MB 246 GF  351 us MMA   1089 MB  861 GF 1230 us MMA
+    N=1370 B=32   H=8  D=128                 361 MB 246 GF  351 us MMA   1083 MB  861 GF 1230 us MMA
+    packed ViT-S step, 1280 seqs, H=6 D=64   362 MB  30 GF  121 us mem   1089 MB  105 GF  363 us mem
+
+Grid (CTAs per launch) by row tile, against 132 SMs x 1-7 CTAs per SM (configs below): every target
+shape fills the GPU many times over, so tile size is chosen by the autotuner, not by the SM count.
+    BLOCK  N=257 B=128 H=6  N=50 B=1024 H=6  N=1370 B=32 H=16  N=1370 B=32 H=8  packed step (x 6 heads)
+     32          6912            12288            22016            11008          29376
+     64          3840             6144            11264             5632          18528
+    128          2304             6144             5632             2816          13104
+
+Configs (sm_90 cubins from Triton 3.8 and its ptxas, bf16, varlen; the dense and fp16 cubins of the
+configs nearest the limits spill neither, at most 4 registers more), per tile BLOCK_M x BLOCK_N /
+TAIL_M x TAIL_N: warps w and stages s, registers per thread (r), shared memory (K = KiB, pipelining
+buffers included) and CTAs per SM by registers and shared memory; LOCAL and STACK are 0 in every one.
+Before, the configs were chosen without the head dim: 14 of the 112 (config, launch, D) cubins
+spilled (up to 184 B of stack) and the largest used 226 KiB.
+    fwd D=64: 128x128/16x32 w8s3 179r 112K 1, w8s2 176r 80K 1, w4s3 248r 112K 2, w4s2 248r 80K 2; 128x64/64x16
+        w8s3 110r 64K 2, w8s2 110r 48K 2, w4s3 230r 64K 2, w4s2 222r 48K 2; 128x64/16x16 w8s3 110r 64K 2, w8s2
+        110r 48K 2, w4s3 230r 64K 2, w4s2 222r 48K 2; 128x32/16x16 w8s3 98r 40K 2, w8s2 98r 32K 2, w4s3 153r 40K
+        3, w4s2 153r 32K 3; 64x64/64x64 w8s3 114r 104K 2, w8s2 106r 72K 2, w4s3 122r 104K 2, w4s2 122r 72K 3;
+        64x64/16x16 w8s3 109r 56K 2, w8s2 108r 40K 2, w4s3 116r 56K 4, w4s2 115r 40K 4; 64x32/16x16 w8s3 72r 32K
+        3, w8s2 66r 24K 3, w4s3 82r 32K 5, w4s2 82r 24K 5; 32x32/16x16 w8s3 92r 22K 2, w8s2 94r 14K 2, w4s3 96r
+        22K 5, w4s2 72r 14K 7
+    fwd D=128: 128x128/16x32 w8s2 232r 160K 1; 128x64/64x16 w8s3 182r 128K 1, w8s2 178r 96K 1; 128x64/16x16 w8s3
+        188r 128K 1, w8s2 184r 96K 1; 128x32/16x16 w8s3 128r 80K 2, w8s2 128r 64K 2, w4s3 246r 80K 2, w4s2 246r
+        64K 2; 64x64/64x64 w8s2 120r 144K 1, w4s2 168r 144K 1; 64x64/16x16 w8s3 116r 112K 2, w8s2 112r 80K 2,
+        w4s3 168r 112K 2, w4s2 168r 80K 2; 64x32/16x16 w8s3 100r 64K 2, w8s2 100r 48K 2, w4s3 150r 64K 3, w4s2
+        150r 48K 3; 32x32/16x16 w8s2 79r 26K 3, w4s3 128r 42K 4, w4s2 101r 26K 4
+    dq D=64: 128x64/16x16 w8s2 127r 64K 2; 64x128/16x16 w8s2 202r 80K 1; 64x64/16x16 w8s2 124r 48K 2, w4s3 128r
+        64K 3, w4s2 126r 48K 4; 64x32/16x16 w4s2 94r 32K 5; 32x64/16x16 w4s2 134r 26K 3; 32x32/16x16 w4s2 94r
+        18K 5
+    dq D=128: 128x64/16x16 w8s2 188r 128K 1; 64x64/16x16 w8s2 141r 96K 1, w4s2 192r 96K 2; 64x32/16x16 w8s2 113r
+        64K 2, w4s2 160r 64K 3; 32x64/16x16 w8s2 156r 52K 1, w4s2 230r 50K 2; 32x32/16x16 w4s2 160r 34K 3
+    dkdv D=64: 64x128/16x16 w8s2 208r 64K 1; 64x64/16x16 w8s2 165r 48K 1, w4s3 195r 65K 2, w4s2 210r 48K 2;
+        64x32/16x16 w4s2 168r 26K 3; 32x64/16x16 w4s2 149r 32K 3; 32x32/16x16 w4s2 128r 18K 4
+    dkdv D=128: 64x64/16x16 w8s2 215r 96K 1; 64x32/16x16 w8s2 166r 52K 1, w4s2 226r 50K 2; 32x64/16x16 w8s2 160r
+        64K 1, w4s2 255r 64K 2; 32x32/16x16 w4s2 194r 34K 2
 
 torch.library ops: dinotron::attention (q, k, v, cu_seqlens or None, max_seqlen, scale, backend)
 -> (out, lse) with its fake and autograd, the backward being the op dinotron::attention_backward.
@@ -48,38 +132,75 @@ from dinotron.kernels.checks import check_cu_seqlens, check_positive, check_qkv
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128)
-MAX_GRID_YZ = 65535  # CUDA limit on grid dims 1 and 2 (heads, sequences)
+MAX_GRID_YZ = 65535  # CUDA limit on grid dims 1 and 2 (heads; dense sequences)
 LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels. Programs: axis 0 = row tile of one sequence, axis 1 = head, axis 2 = sequence,
-# so the tiles of one (sequence, head) run side by side and share its K/V in L2.
+# Triton kernels. Programs: axis 0 = work items (row tiles), axis 1 = head; dense launches add
+# axis 2 = sequence. Adjacent work items are tiles of one (sequence, head), which share its K/V in L2.
 # ----------------------------------------------------------------------------------------------
 
+SCHEDULE_BLOCKS = (16, 32, 64, 128)  # the tile sizes the varlen schedule has a row for
+_SCAN_CHUNK = 1024  # sequences per step of the schedule's running sum
+
 
 @triton.jit
-def _program(CU, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, IS_VARLEN: tl.constexpr):
-    """This program's row tile t, its sequence's length, and the element offsets of the sequence's
-    first row for this head in the inputs (q, k, v), the outputs (o, dO, dq, dk, dv) and the
-    per-row fp32 buffers (lse, delta). Dense sequences are N tokens each."""
-    t, head, seq = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+def _schedule_kernel(CU, TILES, n_seqs, CHUNK: tl.constexpr):
+    """Program r: TILES[r, s] = sum over sequences before s of cdiv(length, 16 << r), s in [0, n_seqs]:
+    the first work item of each sequence in the compact varlen schedule for (16 << r)-row tiles."""
+    row = tl.program_id(0)
+    block = 16 << row
+    out = TILES + row * (n_seqs + 1)
+    tl.store(out, 0)
+    carried = tl.full([], 0, tl.int32)
+    for s0 in range(0, n_seqs, CHUNK):
+        offs = s0 + tl.arange(0, CHUNK)
+        mask = offs < n_seqs
+        lengths = tl.load(CU + offs + 1, mask=mask, other=0) - tl.load(CU + offs, mask=mask, other=0)
+        tiles = (lengths + block - 1) // block
+        tl.store(out + 1 + offs, carried + tl.cumsum(tiles, 0), mask=mask)
+        carried += tl.sum(tiles, 0)
+
+
+@triton.jit
+def _schedule_row(BLOCK: tl.constexpr):
+    """Row of the schedule table for BLOCK-row tiles (SCHEDULE_BLOCKS[row] == BLOCK)."""
+    tl.static_assert(BLOCK == 16 or BLOCK == 32 or BLOCK == 64 or BLOCK == 128)
+    return BLOCK // 32 - BLOCK // 128
+
+
+@triton.jit
+def _locate(TILES, CU, n_seqs, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h,
+            BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """This program's work item: its tile t within its sequence, the sequence's length, and the element
+    offsets of the sequence's first row for this head in the inputs (q, k, v), the outputs (o, dO, dq,
+    dk, dv) and the per-row fp32 buffers (lse, delta). Varlen: item w = program_id(0), found by binary
+    search in the schedule row (the last sequence whose first item is <= w: empty sequences own no
+    item; past the last item, t * BLOCK >= length and the program has nothing to do). Dense: tile
+    program_id(0) of sequence program_id(2), N tokens each."""
+    w, head = tl.program_id(0), tl.program_id(1).to(tl.int64)
     if IS_VARLEN:
-        first = tl.load(CU + seq)
-        length = tl.load(CU + seq + 1) - first
+        tiles = TILES + _schedule_row(BLOCK) * (n_seqs + 1)
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], 0, tl.int32) + n_seqs  # invariant: tiles[lo] <= w < tiles[hi]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            below = tl.load(tiles + mid) <= w
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid)
+        t = w - tl.load(tiles + lo)
+        first = tl.load(CU + lo)
+        length = tl.load(CU + lo + 1) - first
+        seq = 0  # packed: the token offset `first` places the sequence
         start = first.to(tl.int64)
     else:
-        start = 0
+        t = w
         length = N
+        seq = tl.program_id(2).to(tl.int64)
+        start = 0
     return (t, length, seq * s_in_b + head * s_in_h + start * s_in_n, seq * s_out_b + head * s_out_h + start * s_out_n,
             seq * s_lse_b + head * s_lse_h + start)
-
-
-@triton.jit
-def _tile_start(t, length, BLOCK: tl.constexpr, TAIL: tl.constexpr):
-    """Tile t of a sequence: tiles [0, length // BLOCK) hold BLOCK rows, later ones TAIL rows."""
-    n_big = length // BLOCK
-    return tl.where(t < n_big, t * BLOCK, n_big * BLOCK + (t - n_big) * TAIL), t < n_big
 
 
 @triton.jit
@@ -226,37 +347,69 @@ def _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, s_in, s_out, start_n, length, sc
     tl.store(DV + offs_n[:, None] * s_out + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_n)
 
 
-def _configs(tiles: Sequence[tuple[int, int, int, int]], fits) -> list[triton.Config]:
-    """Autotune space: (BLOCK_M, BLOCK_N, TAIL_M, TAIL_N) x num_warps {4, 8} x num_stages {2, 3},
-    kept where fits(block_m, block_n, num_warps); one small config in the interpreter, where
-    autotuning would only multiply the run time."""
+@triton.jit
+def _bwd_tile(Q, K, V, OUT, DO, DQ, DK, DV, LSE, DELTA, s_in, s_out, start, length, scale, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr,
+              TAIL_N: tl.constexpr, DKDV: tl.constexpr, LAST: tl.constexpr):
+    """The row tile from row `start`, of keys (dK, dV) if DKDV, else of queries (delta, dQ); of TAIL
+    rows if LAST, else of BLOCK rows."""
+    if DKDV:
+        _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, s_in, s_out, start, length, scale, qk_scale,
+                   HEAD_DIM, TAIL_N if LAST else BLOCK_N, BLOCK_M, TAIL_M)
+    else:
+        _dq_tile(Q, K, V, OUT, DO, DQ, LSE, DELTA, s_in, s_out, start, length, scale, qk_scale,
+                 HEAD_DIM, TAIL_M if LAST else BLOCK_M, BLOCK_N, TAIL_N)
+
+
+# Autotune space, per launch and head dim: (BLOCK_M, BLOCK_N, TAIL_M, TAIL_N, num_warps, num_stages);
+# TAIL == BLOCK is plain masked tiling. Every entry compiles for sm_90 with no spill (cuobjdump LOCAL and
+# STACK 0) and at most 200 KiB of shared memory (227 KiB is the limit; the margin is for Triton 3.6 on
+# the GPUs, measured here with 3.8): the figures are in the module docstring.
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "TAIL_M", "TAIL_N")
+_FWD_TILES = [(128, 128, 16, 32), (128, 64, 64, 16), (128, 64, 16, 16), (128, 32, 16, 16), (64, 64, 64, 64),
+              (64, 64, 16, 16), (64, 32, 16, 16), (32, 32, 16, 16)]
+_FWD = [(*tile, warps, stages) for tile in _FWD_TILES for warps in (8, 4) for stages in (3, 2)]
+_FWD_128_LEFT_OUT = {  # spilling (bytes of stack)
+    (128, 128, 16, 32, 4, 3), (128, 128, 16, 32, 4, 2), (128, 64, 64, 16, 4, 3), (128, 64, 64, 16, 4, 2),  # 536-88
+    (128, 64, 16, 16, 4, 3), (128, 64, 16, 16, 4, 2), (32, 32, 16, 16, 8, 3),  # 80-88, 16
+    (128, 128, 16, 32, 8, 3), (64, 64, 64, 64, 8, 3), (64, 64, 64, 64, 4, 3),  # 224, 208, 208 KiB of shared memory
+}
+_CONFIGS = {
+    ("fwd", 64): _FWD,
+    ("fwd", 128): [c for c in _FWD if c not in _FWD_128_LEFT_OUT],
+    ("dq", 64): [(128, 64, 16, 16, 8, 2), (64, 128, 16, 16, 8, 2), (64, 64, 16, 16, 8, 2), (64, 64, 16, 16, 4, 3),
+                 (64, 64, 16, 16, 4, 2), (64, 32, 16, 16, 4, 2), (32, 64, 16, 16, 4, 2), (32, 32, 16, 16, 4, 2)],
+    ("dq", 128): [(128, 64, 16, 16, 8, 2), (64, 64, 16, 16, 8, 2), (64, 64, 16, 16, 4, 2), (64, 32, 16, 16, 8, 2),
+                  (64, 32, 16, 16, 4, 2), (32, 64, 16, 16, 8, 2), (32, 64, 16, 16, 4, 2), (32, 32, 16, 16, 4, 2)],
+    # left out: 128 x 64 (24 B of stack at D=64, 184 B at D=128), 64 x 64 at 4 warps for D=128 (88 B)
+    ("dkdv", 64): [(64, 128, 16, 16, 8, 2), (64, 64, 16, 16, 8, 2), (64, 64, 16, 16, 4, 3), (64, 64, 16, 16, 4, 2),
+                   (64, 32, 16, 16, 4, 2), (32, 64, 16, 16, 4, 2), (32, 32, 16, 16, 4, 2)],
+    ("dkdv", 128): [(64, 64, 16, 16, 8, 2), (64, 32, 16, 16, 8, 2), (64, 32, 16, 16, 4, 2), (32, 64, 16, 16, 8, 2),
+                    (32, 64, 16, 16, 4, 2), (32, 32, 16, 16, 4, 2)],
+}
+
+
+def _params(config: triton.Config) -> tuple[int, ...]:
+    return (*(config.kwargs[k] for k in _TILE_KEYS), config.num_warps, config.num_stages)
+
+
+def _configs(*launches: str) -> list[triton.Config]:
+    """The union over head dims of these launches' configs (_for_head_dim prunes it at each call);
+    one small config in the interpreter, where autotuning would only multiply the run time."""
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TAIL_M": 16, "TAIL_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TAIL_M": tm, "TAIL_N": tn}, num_warps=w, num_stages=s)
-        for bm, bn, tm, tn in tiles
-        for w in (4, 8)
-        for s in (2, 3)
-        if fits(bm, bn, w)
-    ]
+    params = sorted({p for (launch, _), table in _CONFIGS.items() if launch in launches for p in table}, reverse=True)
+    return [triton.Config(dict(zip(_TILE_KEYS, p[:4], strict=True)), num_warps=p[4], num_stages=p[5]) for p in params]
 
 
-# (BLOCK_M, BLOCK_N, TAIL_M, TAIL_N); TAIL == BLOCK is plain masked tiling.
-_FWD_TILES = [(128, 64, 16, 16), (128, 128, 16, 32), (128, 32, 16, 16), (64, 64, 16, 16), (64, 32, 16, 16),
-              (64, 64, 64, 64), (128, 64, 128, 64), (32, 32, 16, 16)]
-_BWD_TILES = [(64, 64, 16, 16), (64, 128, 16, 16), (32, 64, 16, 16), (32, 128, 16, 32), (128, 64, 16, 16),
-              (64, 64, 64, 64), (32, 32, 16, 16)]
-
-
-# Register budgets, from ptxas on sm_90 (Triton 3.6, D=64, no GPU run): with 4 warps the forward
-# spills past a 128 x 64 tile, the backward (more live tiles: q, k, v, dO and fp32 dq or dk + dv)
-# past 64 x 64; 8 warps are only tried on the larger tiles.
-def _fwd_fits(bm: int, bn: int, warps: int) -> bool:
-    return bm * bn <= 128 * 64 and bn <= 64 if warps == 4 else bm * bn >= 128 * 64
-
-
-def _bwd_fits(bm: int, bn: int, warps: int) -> bool:
-    return max(bm, bn) <= 64 if warps == 4 else bm * bn >= 64 * 64
+def _for_head_dim(configs, named_args, **kwargs) -> list[triton.Config]:
+    """early_config_prune: the configs listed for this launch (forward, dQ or dK/dV) and HEAD_DIM."""
+    if interpreter_enabled():
+        return configs
+    args = {**named_args, **kwargs}  # the launchers pass HEAD_DIM and DKDV by keyword
+    launch = "fwd" if "DKDV" not in args else "dkdv" if args["DKDV"] else "dq"
+    allowed = set(_CONFIGS[launch, args["HEAD_DIM"]])
+    return [c for c in configs if _params(c) in allowed]
 
 
 _KEY = ["N", "HEAD_DIM", "IS_VARLEN"]  # the autotuner adds the tensors' dtypes
@@ -264,52 +417,48 @@ _KEY = ["N", "HEAD_DIM", "IS_VARLEN"]  # the autotuner adds the tensors' dtypes
 
 # Kernel arguments: Q, K, V share one layout (strides s_in_*), OUT, dO, dQ, dK, dV another (s_out_*),
 # LSE and DELTA are fp32 per row (s_lse_*); *_b / *_h / *_n: sequence, head, token strides (elements).
+# CU: cu_seqlens, TILES: the varlen schedule (both None dense), n_seqs their sequences.
 
 
-@triton.autotune(configs=_configs(_FWD_TILES, _fwd_fits), key=_KEY)
+@triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _for_head_dim})
 @triton.jit
-def _attn_fwd(Q, K, V, OUT, LSE, CU,
-              s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, N, qk_scale,
+def _attn_fwd(Q, K, V, OUT, LSE, CU, TILES,
+              s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, N, n_seqs, qk_scale,
               HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
-    t, length, in_off, out_off, lse_off = _program(CU, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n,
-                                                   s_lse_b, s_lse_h, IS_VARLEN)
+    t, length, in_off, out_off, lse_off = _locate(TILES, CU, n_seqs, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h,
+                                                  s_out_n, s_lse_b, s_lse_h, BLOCK_M, IS_VARLEN)
     Q, K, V, OUT, LSE = Q + in_off, K + in_off, V + in_off, OUT + out_off, LSE + lse_off
-    start_m, big = _tile_start(t, length, BLOCK_M, TAIL_M)
-    if big:
+    start_m = t * BLOCK_M
+    if length - start_m <= TAIL_M:  # the last tile, sized to the rows left (none: past the last work item)
+        if start_m < length:
+            _fwd_tile(Q, K, V, OUT, LSE, s_in_n, s_out_n, start_m, length, qk_scale, HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
+    else:
         _fwd_tile(Q, K, V, OUT, LSE, s_in_n, s_out_n, start_m, length, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N)
-    elif start_m < length:
-        _fwd_tile(Q, K, V, OUT, LSE, s_in_n, s_out_n, start_m, length, qk_scale, HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
 
 
-@triton.autotune(configs=_configs(_BWD_TILES, _bwd_fits), key=_KEY + ["DKDV"])
+@triton.autotune(configs=_configs("dq", "dkdv"), key=_KEY + ["DKDV"],
+                 prune_configs_by={"early_config_prune": _for_head_dim})
 @triton.jit
-def _attn_bwd(Q, K, V, OUT, DO, DQ, DK, DV, LSE, DELTA, CU,
-              s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, N, scale, qk_scale,
+def _attn_bwd(Q, K, V, OUT, DO, DQ, DK, DV, LSE, DELTA, CU, TILES,
+              s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n, s_lse_b, s_lse_h, N, n_seqs, scale, qk_scale,
               HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, DKDV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
-    """Two launches: DKDV=False, one program per query tile, writes delta and dQ; then DKDV=True,
-    one per key tile (BLOCK_N, TAIL_N), loops over queries and writes dK and dV."""
-    t, length, in_off, out_off, lse_off = _program(CU, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h, s_out_n,
-                                                   s_lse_b, s_lse_h, IS_VARLEN)
+    """Two launches: DKDV=False, one work item per query tile (BLOCK_M, TAIL_M), writes delta and
+    dQ; then DKDV=True, one per key tile (BLOCK_N, TAIL_N), loops over queries and writes dK and dV."""
+    # (constexpr choices inline: the interpreter turns a constexpr bound to a local into a tensor)
+    t, length, in_off, out_off, lse_off = _locate(TILES, CU, n_seqs, N, s_in_b, s_in_h, s_in_n, s_out_b, s_out_h,
+                                                  s_out_n, s_lse_b, s_lse_h, BLOCK_N if DKDV else BLOCK_M, IS_VARLEN)
     Q, K, V, LSE, DELTA = Q + in_off, K + in_off, V + in_off, LSE + lse_off, DELTA + lse_off
     OUT, DO, DQ, DK, DV = OUT + out_off, DO + out_off, DQ + out_off, DK + out_off, DV + out_off
-    if DKDV:
-        start_n, big = _tile_start(t, length, BLOCK_N, TAIL_N)
-        if big:
-            _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, s_in_n, s_out_n, start_n, length, scale, qk_scale,
-                       HEAD_DIM, BLOCK_N, BLOCK_M, TAIL_M)
-        elif start_n < length:
-            _dkdv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, s_in_n, s_out_n, start_n, length, scale, qk_scale,
-                       HEAD_DIM, TAIL_N, BLOCK_M, TAIL_M)
+    start = t * (BLOCK_N if DKDV else BLOCK_M)
+    if length - start <= (TAIL_N if DKDV else TAIL_M):  # the last tile, sized to the rows left (if any)
+        if start < length:
+            _bwd_tile(Q, K, V, OUT, DO, DQ, DK, DV, LSE, DELTA, s_in_n, s_out_n, start, length, scale, qk_scale,
+                      HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N, DKDV, True)
     else:
-        start_m, big = _tile_start(t, length, BLOCK_M, TAIL_M)
-        if big:
-            _dq_tile(Q, K, V, OUT, DO, DQ, LSE, DELTA, s_in_n, s_out_n, start_m, length, scale, qk_scale,
-                     HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N)
-        elif start_m < length:
-            _dq_tile(Q, K, V, OUT, DO, DQ, LSE, DELTA, s_in_n, s_out_n, start_m, length, scale, qk_scale,
-                     HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N)
+        _bwd_tile(Q, K, V, OUT, DO, DQ, DK, DV, LSE, DELTA, s_in_n, s_out_n, start, length, scale, qk_scale,
+                  HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N, DKDV, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,18 +466,28 @@ def _attn_bwd(Q, K, V, OUT, DO, DQ, DK, DV, LSE, DELTA, CU,
 # ----------------------------------------------------------------------------------------------
 
 
-def num_tiles(n: int, block: int, tail: int, varlen: bool) -> int:
-    """Grid size along axis 0: row tiles of an n-token sequence (dense), or the most any sequence
-    of at most n tokens needs (varlen): n // block big tiles, then tail-row tiles."""
-    exact = n // block + -(-(n % block) // tail)
-    if not varlen or n < block:
-        return exact
-    # a shorter sequence may have one big tile fewer but block - 1 leftover rows
-    return max(exact, n // block - 1 + -(-(block - 1) // tail))
+def _tiles_per_sequence(length: int, block: int) -> int:
+    """Row tiles of one sequence: full BLOCK-row tiles and one last tile for the rows left (run as a
+    TAIL-row tile when they fit in TAIL, else as a masked BLOCK-row tile)."""
+    return -(-length // block)
 
 
-def _grid(n: int, heads: int, n_seqs: int, varlen: bool, block: str, tail: str):
-    return lambda meta: (num_tiles(n, meta[block], meta[tail], varlen), heads, n_seqs)
+def varlen_programs(block: int, n_seqs: int, total: int, max_seqlen: int) -> int:
+    """Grid size along axis 0 of a varlen launch, from host ints only (no host sync): an upper bound on
+    its W = sum_s cdiv(length_s, block) work items, the most any n_seqs sequences of total tokens, none
+    longer than max_seqlen, can need (cdiv(L, block) <= (L + block - 1) / block, summed). Programs
+    past W exit at once."""
+    return max(1, min(n_seqs * _tiles_per_sequence(max_seqlen, block), (total + n_seqs * (block - 1)) // block))
+
+
+def tile_schedule(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The compact varlen schedule: int32 (len(SCHEDULE_BLOCKS), n_seqs + 1), row r the running sum
+    of cdiv(length_s, SCHEDULE_BLOCKS[r]) (sequence s's work items are [row[s], row[s + 1])). One
+    launch on cu_seqlens' device; nothing is read back."""
+    n_seqs = cu_seqlens.numel() - 1
+    tiles = cu_seqlens.new_empty(len(SCHEDULE_BLOCKS), n_seqs + 1)
+    _schedule_kernel[(len(SCHEDULE_BLOCKS),)](cu_seqlens, tiles, n_seqs, CHUNK=_SCAN_CHUNK)
+    return tiles
 
 
 def _bhn_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -359,15 +518,24 @@ def _row_buffer(q: torch.Tensor, varlen: bool) -> torch.Tensor:
 
 
 def _launch_args(q: torch.Tensor, out: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int):
-    """A _row_buffer, the kernels' stride arguments, and (n_seqs, heads, n) for the grid, n being N
-    dense or max_seqlen packed. Reads shapes only: no host sync."""
+    """A _row_buffer, the kernels' arguments from CU to n_seqs, and grid(block key) for the launch.
+    Reads shapes only: no host sync (the varlen schedule is built on the device)."""
     varlen = cu_seqlens is not None
     rows = _row_buffer(q, varlen)
     if varlen:
-        rows_strides, grid = (0, rows.stride(0)), (cu_seqlens.numel() - 1, q.shape[1], max_seqlen)
+        n_seqs, heads = cu_seqlens.numel() - 1, q.shape[1]
+        args = (cu_seqlens, tile_schedule(cu_seqlens), *_bhn_strides(q, True), *_bhn_strides(out, True),
+                0, rows.stride(0), max_seqlen, n_seqs)
+
+        def grid(block: str):
+            return lambda meta: (varlen_programs(meta[block], n_seqs, q.shape[0], max_seqlen), heads)
     else:
-        rows_strides, grid = (rows.stride(0), rows.stride(1)), tuple(q.shape[:3])
-    return rows, (*_bhn_strides(q, varlen), *_bhn_strides(out, varlen), *rows_strides), grid
+        B, heads, N = q.shape[:3]
+        args = (None, None, *_bhn_strides(q, False), *_bhn_strides(out, False), rows.stride(0), rows.stride(1), N, 0)
+
+        def grid(block: str):
+            return lambda meta: (_tiles_per_sequence(N, meta[block]), heads, B)
+    return rows, args, grid
 
 
 def attention_forward(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -376,10 +544,8 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, scale):
     fp32, (B, H, N) or (H, T)."""
     varlen = cu_seqlens is not None
     o = _new_like_timm(q, varlen)
-    lse, strides, (n_seqs, heads, n) = _launch_args(q, o, cu_seqlens, max_seqlen)
-    _attn_fwd[_grid(n, heads, n_seqs, varlen, "BLOCK_M", "TAIL_M")](
-        q, k, v, o, lse, cu_seqlens, *strides, n, scale * LOG2E, HEAD_DIM=q.shape[-1], IS_VARLEN=varlen,
-    )
+    lse, args, grid = _launch_args(q, o, cu_seqlens, max_seqlen)
+    _attn_fwd[grid("BLOCK_M")](q, k, v, o, lse, *args, scale * LOG2E, HEAD_DIM=q.shape[-1], IS_VARLEN=varlen)
     return o, lse
 
 
@@ -389,10 +555,10 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     if do.stride() != o.stride():
         do = torch.empty_like(o).copy_(do)  # empty_like keeps o's (dense, non-overlapping) strides
     dq, dk, dv = (torch.empty_like(o) for _ in range(3))
-    delta, strides, (n_seqs, heads, n) = _launch_args(q, o, cu_seqlens, max_seqlen)
-    for dkdv, block, tail in ((False, "BLOCK_M", "TAIL_M"), (True, "BLOCK_N", "TAIL_N")):
-        _attn_bwd[_grid(n, heads, n_seqs, varlen, block, tail)](
-            q, k, v, o, do, dq, dk, dv, lse, delta, cu_seqlens, *strides, n, scale, scale * LOG2E,
+    delta, args, grid = _launch_args(q, o, cu_seqlens, max_seqlen)
+    for dkdv, block in ((False, "BLOCK_M"), (True, "BLOCK_N")):
+        _attn_bwd[grid(block)](
+            q, k, v, o, do, dq, dk, dv, lse, delta, *args, scale, scale * LOG2E,
             HEAD_DIM=q.shape[-1], IS_VARLEN=varlen, DKDV=dkdv,
         )
     return dq, dk, dv
@@ -509,7 +675,7 @@ def _unsupported(q, k, v) -> str | None:
         return f"head dim D={q.shape[-1]} (the kernel takes D in {HEAD_DIMS})"
     if q.numel() == 0:
         return "empty inputs"
-    if q.ndim == 4 and max(q.shape[:2]) > MAX_GRID_YZ:
+    if max(q.shape[:2] if q.ndim == 4 else q.shape[1:2]) > MAX_GRID_YZ:  # dense (B, H), packed H
         return f"shape {tuple(q.shape)}: at most {MAX_GRID_YZ} sequences and heads fit one launch"
     return None
 
@@ -604,9 +770,6 @@ class PackedSequences:
         if not isinstance(cu_seqlens, torch.Tensor):
             cu_seqlens = torch.tensor(list(cu_seqlens), dtype=torch.int32)
         check_cu_seqlens(cu_seqlens, max_seqlen)
-        n_seqs = cu_seqlens.numel() - 1
-        if n_seqs > MAX_GRID_YZ:
-            raise ValueError(f"cu_seqlens packs {n_seqs} sequences; at most {MAX_GRID_YZ} fit one launch")
         return cls(cu_seqlens.to(torch.int32), max_seqlen)
 
 
@@ -652,19 +815,28 @@ def packed_sequences(cu_seqlens, max_seqlen: int) -> Iterator[PackedSequences]:
 # timm ViT integration (duck-typed: timm is not imported)
 # ----------------------------------------------------------------------------------------------
 
-# Classes whose forward is timm's standard ViT self-attention (timm 1.0.x moved it to timm.layers).
-_TIMM_ATTENTION = {("timm.layers.attention", "Attention"), ("timm.models.vision_transformer", "Attention")}
-_TIMM_ATTRIBUTES = ("qkv", "num_heads", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
+_VIT_ATTRIBUTES = ("qkv", "num_heads", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
+_EVA = ("timm.models.eva", "EvaAttention")
+# The timm classes whose forward _timm_attention_forward reproduces, with the attributes it reads: the ViT
+# self-attention (timm 1.0.x moved it to timm.layers) and Eva's (DINOv3, EVA-02 ViTs), which also rotates q and k.
+_TIMM_ATTENTION = {
+    ("timm.layers.attention", "Attention"): _VIT_ATTRIBUTES,
+    ("timm.models.vision_transformer", "Attention"): _VIT_ATTRIBUTES,
+    _EVA: _VIT_ATTRIBUTES + ("head_dim", "q_bias", "qkv_bias_separate", "num_prefix_tokens", "rotate_half"),
+}
+
+
+def _forward_owner(module: torch.nn.Module) -> tuple[str, str] | None:
+    """(module, qualname) of the class whose forward `module` runs."""
+    owner = next((c for c in type(module).__mro__ if "forward" in vars(c)), None)
+    return None if owner is None else (owner.__module__, owner.__qualname__)
 
 
 def is_timm_attention(module: torch.nn.Module) -> bool:
-    """True for a timm ViT Attention (or a subclass that keeps its forward) with the attributes we use."""
-    owner = next((c for c in type(module).__mro__ if "forward" in vars(c)), None)
-    return (
-        owner is not None
-        and (owner.__module__, owner.__qualname__) in _TIMM_ATTENTION
-        and all(hasattr(module, name) for name in _TIMM_ATTRIBUTES)
-    )
+    """True for a timm ViT Attention or Eva EvaAttention (or a subclass that keeps its forward) with the
+    attributes we use."""
+    attributes = _TIMM_ATTENTION.get(_forward_owner(module))
+    return attributes is not None and all(hasattr(module, name) for name in attributes)
 
 
 class SwappedForward:
@@ -675,12 +847,73 @@ class SwappedForward:
         self.module, self.backend = module, backend
 
     def __call__(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        return _timm_attention_forward(self.module, x, attn_mask, is_causal, self.backend)
+        return _timm_attention_forward(self.module, x, None, attn_mask, is_causal, self.backend)
 
 
-def _timm_attention_forward(self, x, attn_mask, is_causal, backend) -> torch.Tensor:
-    """timm's Attention.forward (timm 1.0.x: q/k norms, optional scale norm and gate) with the
-    attention product run by dinotron."""
+class SwappedEvaForward(SwappedForward):
+    """SwappedForward of an EvaAttention, whose forward takes the rotary embedding `rope` second."""
+
+    def __call__(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                 is_causal: bool = False) -> torch.Tensor:
+        return _timm_attention_forward(self.module, x, rope, attn_mask, is_causal, self.backend)
+
+
+def _project_qkv(self, x: torch.Tensor, H: int, D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, N, H, D) as timm projects them: one fused qkv linear, or EvaAttention's q/v biases (k has
+    none; added in the linear, or after it when qkv_bias_separate) or its separate q/k/v projections."""
+    B, N, _ = x.shape
+    if self.qkv is None:
+        return tuple(p(x).reshape(B, N, H, D) for p in (self.q_proj, self.k_proj, self.v_proj))
+    if getattr(self, "q_bias", None) is None:
+        qkv = self.qkv(x)
+    else:
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            qkv = self.qkv(x)
+            qkv += bias
+        else:
+            qkv = F.linear(x, weight=self.qkv.weight, bias=bias)
+    return qkv.reshape(B, N, 3, H, D).unbind(2)
+
+
+def _rotate(x: torch.Tensor, rope: torch.Tensor, half: bool) -> torch.Tensor:
+    """timm's apply_rot_embed_cat: rope = [sin | cos] on the last axis (each D wide, broadcast against x);
+    x * cos + turn(x) * sin, turn(x) = [-x2, x1] for halves (x1, x2) of x (half) or the pairs (x0, x1) -> (-x1, x0)
+    (interleaved), in the promoted dtype (timm's rope is fp32), then x's dtype."""
+    sin, cos = rope.chunk(2, -1)
+    if half:
+        x1, x2 = x.chunk(2, -1)
+        turned = torch.cat([-x2, x1], -1)
+    else:
+        turned = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+    return (x * cos + turned * sin).to(x.dtype)
+
+
+def pack_rope(ropes: Sequence[torch.Tensor], batches: Sequence[tuple[int, int]],
+              num_prefix_tokens: int) -> torch.Tensor:
+    """The rotary embedding a swapped EvaAttention takes inside packed_sequences: one row per packed token.
+
+    ropes[i]: (n_i - num_prefix_tokens, 2 D) [sin | cos] rows of the patch grid of batch i (Eva._pos_embed's),
+    whose b_i sequences of n_i tokens each (batches[i] = (b_i, n_i)) are packed in order. Prefix tokens (class,
+    registers) get sin 0 and cos 1, a rotation by 0 that leaves them exactly as timm does (x * 1 + turn(x) * 0
+    == x for finite x). Returns (sum b_i n_i, 2 D) in the ropes' dtype (fp32 for timm's: 8 D bytes per token,
+    made once per forward and shared by the blocks)."""
+    rows = []
+    for rope, (b, n) in zip(ropes, batches, strict=True):
+        if rope.ndim != 2 or rope.shape[0] != n - num_prefix_tokens:
+            raise ValueError(f"pack_rope: a rope of shape {tuple(rope.shape)} for sequences of {n} tokens with "
+                             f"{num_prefix_tokens} prefix tokens; expected ({n - num_prefix_tokens}, 2 * head_dim)")
+        D = rope.shape[1] // 2
+        identity = torch.cat([rope.new_zeros(num_prefix_tokens, D), rope.new_ones(num_prefix_tokens, D)], 1)
+        rows.append(torch.cat([identity, rope]).repeat(b, 1))
+    return torch.cat(rows)
+
+
+def _timm_attention_forward(self, x, rope, attn_mask, is_causal, backend) -> torch.Tensor:
+    """timm's Attention.forward (timm 1.0.x: q/k norms, optional scale norm and gate), or EvaAttention's
+    (its q/k/v projections, then the rotation of q and k by `rope`), with the attention product run by dinotron.
+    rope as EvaAttention takes it: rows for the N - num_prefix_tokens patch tokens, prefix tokens left as they
+    are; inside packed_sequences a row for every packed token (pack_rope)."""
     packing = _packing
     if attn_mask is not None or is_causal or (self.training and self.attn_drop.p > 0):
         if packing is not None:
@@ -688,27 +921,42 @@ def _timm_attention_forward(self, x, attn_mask, is_causal, backend) -> torch.Ten
         kwargs = {"attn_mask": attn_mask} if attn_mask is not None else {}
         if is_causal:
             kwargs["is_causal"] = True
+        if rope is not None:
+            kwargs["rope"] = rope
         return type(self).forward(self, x, **kwargs)
     B, N, C = x.shape
+    if packing is not None and B != 1:  # N is checked against cu_seqlens on the device
+        raise ValueError(f"inside packed_sequences a swapped Attention expects x of shape (1, total_tokens, C), "
+                         f"got {tuple(x.shape)}")
     H = self.num_heads
-    D = getattr(self, "head_dim", self.qkv.out_features // (3 * H))
+    D = getattr(self, "head_dim", self.qkv.out_features // (3 * H) if self.qkv is not None else None)
     scale = getattr(self, "scale", D ** -0.5)
+    rotated = N if packing is not None else N - getattr(self, "num_prefix_tokens", 0)
+    if rope is not None and (rope.ndim != 2 or rope.shape[0] != rotated):
+        where = "inside packed_sequences one row per packed token (pack_rope)" if packing is not None else \
+            f"one row per patch token ({N} tokens, {self.num_prefix_tokens} prefix)"
+        raise ValueError(f"rope of shape {tuple(rope.shape)}: expected ({rotated}, 2 * head_dim), {where}")
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    qkv = self.qkv(x)
+    q, k, v = _project_qkv(self, x, H, D)
     if packing is None:
-        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k, v = _autocast(self.q_norm(q), self.k_norm(k), v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # as EvaAttention: the prefix tokens stay, the patch tokens turn
+            npt = self.num_prefix_tokens
+            q, k = (torch.cat([t[:, :, :npt], _rotate(t[:, :, npt:], rope, self.rotate_half)], 2).type_as(v)
+                    for t in (q, k))
+        q, k, v = _autocast(q, k, v)
         if _op_backend(backend, q, k, v, strict=False) == "triton":
             out = _attention_op(q, k, v, None, N, scale, "triton")[0]
         else:  # timm's own product
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         out = out.transpose(1, 2).reshape(B, N, H * D)
     else:
-        if B != 1:  # N is checked against cu_seqlens on the device
-            raise ValueError(f"inside packed_sequences a swapped Attention expects x of shape (1, total_tokens, C), "
-                             f"got {tuple(x.shape)}")
-        q, k, v = qkv.reshape(N, 3, H, D).unbind(1)
-        out = _packed_attention(self.q_norm(q), self.k_norm(k), v, packing, scale, backend, strict=False)
+        q, k, v = q[0], k[0], v[0]  # (T, H, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # every token turns, the prefix tokens by 0 (pack_rope)
+            q, k = (_rotate(t, rope[:, None], self.rotate_half).type_as(v) for t in (q, k))
+        out = _packed_attention(q, k, v, packing, scale, backend, strict=False)
         out = out.reshape(1, N, H * D)
     if getattr(self, "norm", None) is not None:
         out = self.norm(out)
@@ -718,25 +966,28 @@ def _timm_attention_forward(self, x, attn_mask, is_causal, backend) -> torch.Ten
 
 
 def swap_timm_attention(model: torch.nn.Module, enable: bool = True, backend: str | None = None) -> torch.nn.Module:
-    """Make every timm ViT Attention in `model` use dinotron attention (enable=False restores timm's).
+    """Make every timm ViT Attention and Eva EvaAttention in `model` use dinotron attention (enable=False restores
+    timm's).
 
     Sets each module's forward (an instance attribute, SwappedForward); parameters, buffers and
     state_dict keys are untouched, so checkpoints stay loadable by plain timm; copy.deepcopy (an
-    EMA teacher) and pickling keep the swap.
+    EMA teacher) and pickling keep the swap. An EvaAttention rotates q and k by the rotary embedding its
+    block passes (timm's math, in torch ops before the kernel), then runs the same product.
     Where the kernel does not apply (CPU, float32 without autocast, D not in {64, 128}) the module
     runs torch's scaled_dot_product_attention (inside packed_sequences: the eager reference, through
     the same op as the kernel); with attn_mask, is_causal or attention dropout
     in training it runs timm's own forward. backend: as `attention`'s, for these modules.
-    Raises ValueError if enable=True and the model has no timm Attention. Returns `model`.
+    Raises ValueError if enable=True and the model has no such module. Returns `model`.
     """
     modules = [m for m in model.modules() if is_timm_attention(m)]
     if enable and not modules:
-        raise ValueError(f"swap_timm_attention found no timm ViT Attention module in {type(model).__name__}")
+        raise ValueError(f"swap_timm_attention found no timm ViT Attention or Eva EvaAttention module in "
+                         f"{type(model).__name__}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     for m in modules:
         if enable:
-            m.forward = SwappedForward(m, backend)
+            m.forward = (SwappedEvaForward if _forward_owner(m) == _EVA else SwappedForward)(m, backend)
         elif is_swapped(m):
             del m.forward
     return model

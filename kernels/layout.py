@@ -125,10 +125,11 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def k_splits(rows: int, K: int, block_k: int, device: torch.device) -> tuple[int, int]:
-    """(splits, columns per split): split each row's K columns between programs until there are
-    about four programs per SM, keeping at least one block per split."""
+def k_splits(rows: int, K: int, block_k: int, device: torch.device, ctas_per_sm: int) -> tuple[int, int]:
+    """(splits, blocks per split): split each row's K columns (cdiv(K, block_k) blocks) between programs so
+    that the rows x splits grid fills one wave, ctas_per_sm resident programs on each SM, without exceeding
+    it (no tail wave); one split per row when the rows alone fill it. Split boundaries are block boundaries."""
     n_blocks = triton.cdiv(K, block_k)
-    splits = max(1, min(n_blocks, triton.cdiv(4 * num_sms(device), rows)))
-    cols_per_split = triton.cdiv(n_blocks, splits) * block_k
-    return triton.cdiv(K, cols_per_split), cols_per_split
+    splits = max(1, min(n_blocks, ctas_per_sm * num_sms(device) // max(rows, 1)))
+    blocks_per_split = triton.cdiv(n_blocks, splits)
+    return triton.cdiv(n_blocks, blocks_per_split), blocks_per_split

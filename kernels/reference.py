@@ -23,6 +23,7 @@ from dinotron.kernels.checks import (
     check_nonempty,
     check_positive,
     check_qkv,
+    check_same_device,
     check_tensor,
 )
 
@@ -284,6 +285,81 @@ def ibot_patch_loss(student_patch_tokens_masked: torch.Tensor, teacher_patch_tok
     return (ce * masks_weight.to(acc)).sum() / B
 
 
+def head_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """features (..., D) @ weight (K, D)^T in the compute dtype, the weight first rounded to the features'
+    dtype (as autocast's F.linear casts it; the fused-head kernels' dot operands): DINOHead's prototype
+    layer without rounding its logits."""
+    acc = acc_dtype(features)
+    return features.to(acc) @ weight.to(features.dtype).to(acc).T
+
+
+def teacher_head_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The teacher's prototype logits as DINOHead's Linear gives them, in the features' dtype: F.linear
+    with the weight cast to that dtype. The fused losses keep these for Sinkhorn-Knopp (its iterations
+    read every teacher row three times)."""
+    return F.linear(features, weight.to(features.dtype))
+
+
+def fused_head_teacher_scores(teacher: torch.Tensor, teacher_weight: torch.Tensor, col: torch.Tensor,
+                              teacher_logits: torch.Tensor | None, teacher_temp: float) -> torch.Tensor:
+    """The fused losses' (T, B, K) teacher targets are softmax_k of these scores: (t - col) / teacher_temp,
+    t the head logits of the (T, B, D) features (softmax centring: col = the centre), or
+    L / teacher_temp - col from the stored Sinkhorn-Knopp logits L (T * B, K) (col: its prototype scaling)."""
+    if teacher_logits is None:
+        return (head_logits(teacher, teacher_weight) - col.to(acc_dtype(teacher))) / teacher_temp
+    acc = acc_dtype(teacher_logits)
+    return (teacher_logits.to(acc) / teacher_temp - col.to(acc)).view(*teacher.shape[:2], teacher_logits.shape[-1])
+
+
+def fused_head_loss(student: torch.Tensor, teacher: torch.Tensor, student_weight: torch.Tensor,
+                    teacher_weight: torch.Tensor, center: torch.Tensor | None, weight: torch.Tensor | None,
+                    student_temp: float, teacher_temp: float, center_momentum: float, sinkhorn_iterations: int,
+                    scale: float, exclude_same_view: bool) -> tuple[torch.Tensor, ...]:
+    """The head then the loss, eagerly: what dinotron::fused_head_loss computes, from (S, B, D) student and
+    (T, B, D) teacher bottleneck features and (K, D) prototype weights (the logits are made here, (S, B, K)).
+
+    Teacher targets: softmax centring with `center` (and its EMA update by update_center on the teacher
+    logits), or Sinkhorn-Knopp (center None) on teacher_head_logits. Loss: cross_entropy (pairing and
+    weights as there). Returns (loss, new centre (or an empty tensor), student lse (S*B,), student mix
+    softmax(z) @ W (S*B, D), teacher lse (T*B,), teacher mix p @ W (T*B, D), col (K,), Sinkhorn's teacher
+    logits (T*B, K) or an empty (0, K)); W is the student weight rounded to the features' dtype."""
+    acc = acc_dtype(student, teacher)
+    K, D = student_weight.shape
+    if center is None:
+        logits = teacher_head_logits(teacher.reshape(-1, D), teacher_weight)
+        col = sinkhorn_knopp_scalings(logits, teacher_temp, sinkhorn_iterations)[1]
+        new_center = torch.empty(0, dtype=acc, device=student.device)
+    else:
+        logits = None
+        col = center.reshape(-1).to(acc, copy=True)  # an output: no alias of the input
+        new_center = update_center(center, head_logits(teacher, teacher_weight), center_momentum)
+    z_t = fused_head_teacher_scores(teacher, teacher_weight, col, logits, teacher_temp)
+    targets = torch.softmax(z_t, dim=-1)
+    s = head_logits(student, student_weight)
+    loss, lse, _ = cross_entropy(s, targets, weight, student_temp, scale, exclude_same_view)
+    values = student_weight.to(student.dtype).to(acc)
+    s_mix = torch.softmax(s / student_temp, dim=-1).reshape(-1, K) @ values
+    return (loss, new_center, lse.reshape(-1), s_mix, torch.logsumexp(z_t, dim=-1).reshape(-1),
+            targets.reshape(-1, K) @ values, col, teacher.new_empty(0, K) if logits is None else logits)
+
+
+def fused_head_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                             student_weight: torch.Tensor, teacher_weight: torch.Tensor, weight: torch.Tensor | None,
+                             col: torch.Tensor, teacher_logits: torch.Tensor | None, student_temp: float,
+                             teacher_temp: float, scale: float,
+                             exclude_same_view: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (d student (S, B, D) in its dtype, d student_weight (K, D) in its dtype) of fused_head_loss,
+    through the logits: cross_entropy_backward's d logits, then the head matmul's chain rule."""
+    acc = acc_dtype(student, teacher)
+    s = head_logits(student, student_weight)
+    targets = torch.softmax(fused_head_teacher_scores(teacher, teacher_weight, col, teacher_logits, teacher_temp), -1)
+    mass = cross_entropy(s, targets, weight, student_temp, scale, exclude_same_view)[2]
+    d_logits = cross_entropy_backward(grad_loss, s, targets, weight, mass, student_temp, scale, exclude_same_view)
+    d_student = d_logits @ student_weight.to(student.dtype).to(acc)
+    d_weight = torch.einsum("sbk,sbd->kd", d_logits, student.to(acc))
+    return d_student.to(student.dtype), d_weight.to(student_weight.dtype)
+
+
 def check_koleo_input(x: torch.Tensor, eps: float, p: float, group=None, distance_eps: float | None = None) -> None:
     """The argument checks koleo_loss shares with its Triton kernel (shape, dtype, eps, p, rows).
 
@@ -462,3 +538,52 @@ def attention_varlen_backward(
     check_qkv(q, k, v, "(total_tokens, H, D)")
     check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens=q.shape[0])
     return tuple(_per_sequence(lambda *t: attention_backward(*t, scale), cu_seqlens, grad_out, q, k, v))
+
+
+def check_gram_flags(remove_neg: bool, remove_only_teacher_neg: bool) -> None:
+    """dinov3's GramLoss asserts that at most one of its two clips is on."""
+    if remove_neg and remove_only_teacher_neg:
+        raise ValueError("remove_neg and remove_only_teacher_neg are exclusive (dinov3's GramLoss asserts it): "
+                         "remove_neg clips both models' negative similarities, remove_only_teacher_neg the teacher's")
+
+
+def check_gram_input(student_patches: torch.Tensor, teacher_patches: torch.Tensor, remove_neg: bool,
+                     remove_only_teacher_neg: bool, img_level: bool) -> None:
+    """The argument checks gram_loss shares with its Triton kernels: (B, N, D) patches of one shape and device
+    ((B * N, D) also with img_level=False, as dinov3's), N and D >= 1, at most one clip."""
+    ndim = 3 if img_level else (2, 3)
+    check_tensor("student_patches", student_patches, ndim=ndim)
+    check_tensor("teacher_patches", teacher_patches, ndim=ndim)
+    check_same_device(student_patches=student_patches, teacher_patches=teacher_patches)
+    if student_patches.shape != teacher_patches.shape:
+        raise ValueError(f"student_patches has shape {tuple(student_patches.shape)} but teacher_patches has "
+                         f"{tuple(teacher_patches.shape)}: one patch grid and feature width for both (dinov3 "
+                         "resizes the Gram teacher's patch grid to the student's first)")
+    for dim in range(student_patches.ndim):
+        check_nonempty("student_patches", student_patches, dim)
+    check_gram_flags(remove_neg, remove_only_teacher_neg)
+
+
+def gram_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor, *, normalize: bool = True,
+              remove_neg: bool = True, remove_only_teacher_neg: bool = False, img_level: bool = True) -> torch.Tensor:
+    """dinov3's GramLoss.forward (dinov3/loss/gram_loss.py) written plainly: it holds both Gram matrices.
+
+    S = xn xn^T and T = yn yn^T per image (img_level; else over all B * N rows), xn = F.normalize(x) if
+    normalize; remove_neg zeroes the negative entries of both, remove_only_teacher_neg those of T (dinov3
+    then zeroes S where S < 0 and the already clipped T < 0: nowhere); the loss is mean((S - T)^2) over
+    every entry. Computed in fp32 (float64 for float64 inputs), autocast off; differentiable in both.
+    """
+    check_gram_input(student_patches, teacher_patches, remove_neg, remove_only_teacher_neg, img_level)
+    dtype = acc_dtype(student_patches, teacher_patches)
+    with torch.autocast(student_patches.device.type, enabled=False):
+        x, y = student_patches.to(dtype), teacher_patches.to(dtype)
+        if normalize:
+            x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        if not img_level:
+            x, y = x.flatten(0, -2), y.flatten(0, -2)
+        student_sim, teacher_sim = x @ x.transpose(-1, -2), y @ y.transpose(-1, -2)
+        if remove_neg or remove_only_teacher_neg:
+            teacher_sim = torch.where(teacher_sim < 0, 0.0, teacher_sim)
+        if remove_neg:
+            student_sim = torch.where(student_sim < 0, 0.0, student_sim)
+        return F.mse_loss(student_sim, teacher_sim)

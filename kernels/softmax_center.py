@@ -3,16 +3,34 @@
     p[r, k] = softmax_k((x[r, k] - c[k]) / teacher_temp)
     c_new   = momentum * c + (1 - momentum) * mean_r x[r, k]      (mean over all ranks' rows)
 
-One program takes BLOCK_R teacher rows: it streams their K columns once with an online max/sum
-(the row's log-sum-exp), and on the same tiles adds the column sums of its rows into one float32
-K-vector (atomic adds: the order of the R / BLOCK_R additions per column, hence the last bits of
-the centre, may vary between runs); a second small kernel applies the EMA. With
-probabilities requested the program reads its rows a second time (from L2) to write them; the fused
-DINO/iBOT losses ask only for the log-sum-exp and recompute p inside the cross-entropy kernel
-(layout.TeacherTargets), so the (R, K) probabilities are never stored. Sinkhorn-Knopp's row pass is
-the same kernel with another column bias. No autograd: teacher targets carry no gradient, as in dinov2.
+Layout (Sinkhorn-Knopp's, sinkhorn_knopp.py): the R rows are cut into groups of 256 and the K columns
+into slabs of BLOCK_K; a tile is one slab of one group, and one program streams a tile's rows once, in
+(BLOCK_R, BLOCK_K) blocks. On those blocks it sums the columns for the centre (over the group's rows,
+in row order: local to the program, no atomics) and takes each row's (max, sum of exps) over the slab,
+stored as a partial. The program that finishes a group's last slab (a per-group counter incremented
+after the partials are stored: nobody waits, no co-residency is assumed) folds the group's partials in
+slab order into the rows' log-sum-exp. Every sum has a fixed order whatever the programs' finishing
+order: the log-sum-exp and the centre are bit-identical between runs. The centre's column sums are one
+(G, K) partial per group, G = ceil(R / 256), which _center_ema_kernel adds in group order and applies
+the EMA to. With probabilities requested a second launch over the same tiles writes exp(z - lse) (its
+reads of the logits partly from L2); the fused DINO/iBOT losses ask only for the log-sum-exp and
+recompute p inside the cross-entropy kernel (layout.TeacherTargets), so the (R, K) probabilities are
+never stored. No autograd: teacher targets carry no gradient, as in dinov2.
 Zero rows (a rank whose batch has no masked patch) launch no kernel but still join the centre's
 all_reduce with zero sums and a zero count; no row on any rank leaves the centre unchanged.
+
+- Grid: G x ceil(K / BLOCK_K) tiles, at most one wave of _CTAS_PER_SM programs per SM (program p takes
+  the tiles p, p + grid, ...: persistent). BLOCK_K 256 x BLOCK_R 16 (4096-element blocks). DINO
+  (R = 2 x 128 teacher rows, K = 65536): 1 group x 256 slabs, 256 programs of one tile each (was 64
+  programs of 4 rows with the centre's sums); iBOT's ~16384 masked rows: 64 groups x 256 slabs = 16384
+  tiles on 264 programs (62 or 63 tiles each).
+- Bytes at R = 256, K = 65536: one read of the logits, 33.5 MB bf16 (11 us at 3.0 TB/s), 67 MB fp32
+  (22 us); the partials 2 x 256 slabs x R fp32 (512 KiB written, then read by the folding program from
+  L2: a serial tail of ~5 us at one SM's L2 bandwidth), the column sums G x K fp32 (256 KiB). The
+  probabilities add a second read (from L2 where the logits stay there: bf16 fits an H100's 50 MB)
+  and the fp32 (R, K) write, 67 MB. At R = 16384 (bf16 2.1 GB, 716 us) partials and column sums add
+  32 + 16 MB (1.6% + 0.8%), and the 64 folds overlap the other tiles' streaming but the last.
+- sm_90 compile: see docs/kernels.md and _CTAS_PER_SM.
 """
 from __future__ import annotations
 
@@ -20,59 +38,73 @@ import torch
 import triton
 import triton.language as tl
 
-from dinotron.kernels import reference
+from dinotron.kernels import layout, reference
 from dinotron.kernels.backend import resolve_backend
 from dinotron.kernels.checks import check_finite_result, check_nonempty, check_positive, check_same_device, check_tensor
-from dinotron.kernels.layout import TeacherTargets, ViewTable, lse_pivot, row_pointers, rows_table, tile, view_table
+from dinotron.kernels.layout import TeacherTargets, ViewTable, lse_pivot, rows_table, tile, view_table
+from dinotron.kernels.sinkhorn_knopp import _fold_row_partials, _slab_tile
 
-_BLOCK_R_CENTER = 4  # rows per program when summing columns for the centre: R / 4 atomic adds per column
+# Rows per group: the row block sinkhorn_knopp._fold_row_partials folds (256 rows a program)
+_GROUP_ROWS = 256
+# Programs per SM the grid counts on: the sm_90 compile (module docstring) fits 3 CTAs of 8 warps per SM (bf16's
+# log-sum-exp pass, 80 registers; 4 to 6 for the others), so a grid of 3 x SMs programs is one wave
+_CTAS_PER_SM = 3
 
 
 @triton.jit
 def _row_lse_kernel(
-    X, BIAS, LSE, PROBS, COLSUM,
+    X, BIAS, LSE, PROBS, COLSUM, PARTIAL, COUNTER,
     n_rows, K, rows_per_view, view_stride, row_stride, scale, bias_scale,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, WITH_COLSUM: tl.constexpr, WRITE_PROBS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Rows r of the table: LSE[r] = logsumexp_k(z) with z = x * scale + bias_scale * BIAS[k];
-    COLSUM[k] += sum over the program's rows of x (zero-initialised); PROBS[r, k] = exp(z - LSE[r])."""
-    pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = r < n_rows
-    rows = row_pointers(X, tl.where(r_mask, r, 0), rows_per_view, view_stride, row_stride)
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_R,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    """Program p, tiles p, p + P, ... (tile t: row group t // n_slabs of 256 rows, column slab t % n_slabs of
+    BLOCK_K) of the rows of a view table; z = x * scale + bias_scale * BIAS[k].
+
+    Without WRITE_PROBS: PARTIAL[{max, sum}, slab, r] = (max, sum of exp(z - max)) over the slab's columns,
+    with WITH_COLSUM COLSUM[group, k] = sum of x over the group's rows; the last program to finish a group
+    folds its partials into LSE[r] = logsumexp_k(z) and resets the group's COUNTER.
+    WRITE_PROBS (LSE known): PROBS[r, k] = exp(z - LSE[r]), (n_rows, K) contiguous.
+    """
+    n_slabs = tl.cdiv(K, BLOCK_K)
+    n_groups = tl.cdiv(n_rows, 256)
+    for t in range(tl.program_id(0), n_groups * n_slabs, tl.num_programs(0)):
+        group = t // n_slabs
+        slab = t - group * n_slabs
+        k = slab * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        x = tl.load(rows[:, None] + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        if WITH_COLSUM:
-            tl.atomic_add(COLSUM + k, tl.sum(x, axis=0), mask=k_mask, sem="relaxed")
-        z = _biased(x, BIAS, k, k_mask, scale, bias_scale, HAS_BIAS)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        pivot = lse_pivot(m_new)
-        s = s * tl.exp(m - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
-        m = m_new
-    lse = m + tl.log(s)
-    tl.store(LSE + r, lse, mask=r_mask)
-    if WRITE_PROBS:
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = k < K
-            mask = r_mask[:, None] & k_mask[None, :]
-            x = tl.load(rows[:, None] + k[None, :], mask=mask, other=0.0).to(tl.float32)
-            z = _biased(x, BIAS, k, k_mask, scale, bias_scale, HAS_BIAS)
-            tl.store(PROBS + r.to(tl.int64)[:, None] * K + k[None, :], tl.exp(z - lse[:, None]), mask=mask)
-
-
-@triton.jit
-def _biased(x, BIAS, k, k_mask, scale, bias_scale, HAS_BIAS: tl.constexpr):
-    """x * scale + bias_scale * BIAS[k] on the valid columns, -inf on the others."""
-    z = x * scale
-    if HAS_BIAS:
-        z += bias_scale * tl.load(BIAS + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(k_mask[None, :], z, float("-inf"))
+        if HAS_BIAS:  # the slab's column bias, loaded once for all its rows
+            bias = bias_scale * tl.load(BIAS + k, mask=k_mask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros((BLOCK_K,), tl.float32)
+        r_first = group * 256
+        r_end = tl.minimum(r_first + 256, n_rows)
+        if WRITE_PROBS:
+            for r0 in tl.range(r_first, r_end, BLOCK_R, num_stages=3):  # pipelined: cp.async of the next blocks
+                x, r, r_mask = _slab_tile(X, r0, k, k_mask, r_end, rows_per_view, view_stride, row_stride, BLOCK_R)
+                lse = tl.load(LSE + r, mask=r_mask, other=0.0)
+                tl.store(PROBS + r.to(tl.int64)[:, None] * K + k[None, :],
+                         tl.exp(x * scale + bias[None, :] - lse[:, None]), mask=r_mask[:, None] & k_mask[None, :])
+        else:
+            colsum = tl.zeros((BLOCK_K,), tl.float32)
+            for r0 in tl.range(r_first, r_end, BLOCK_R, num_stages=3):
+                x, r, r_mask = _slab_tile(X, r0, k, k_mask, r_end, rows_per_view, view_stride, row_stride, BLOCK_R)
+                if WITH_COLSUM:  # 1. the centre's column sums, row block after row block
+                    colsum += tl.sum(x, axis=0)
+                # 2. per row, the (max, sum) of its exps over the slab's columns
+                z = tl.where(k_mask[None, :], x * scale + bias[None, :], float("-inf"))
+                m_row = tl.max(z, axis=1)
+                s_row = tl.sum(tl.exp(z - lse_pivot(m_row)[:, None]), axis=1)
+                tl.store(PARTIAL + slab * n_rows + r, m_row, mask=r_mask)
+                tl.store(PARTIAL + n_slabs * n_rows + slab * n_rows + r, s_row, mask=r_mask)
+            if WITH_COLSUM:
+                tl.store(COLSUM + group * K + k, colsum, mask=k_mask)
+            # 3. the last program to finish one of the group's slabs folds the group's partials, in slab order
+            tl.debug_barrier()  # every thread's partial stores precede the counter's release
+            done = tl.atomic_add(COUNTER + group, 1, sem="acq_rel", scope="gpu")
+            if done == n_slabs - 1:
+                _fold_row_partials(PARTIAL, LSE, n_slabs, n_rows, group, n_groups, BLOCK_S)
+                tl.store(COUNTER + group, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -98,10 +130,12 @@ def row_lse(
     table: ViewTable, scale: float, bias: torch.Tensor | None = None, bias_scale: float = 0.0,
     write_probs: bool = False, with_colsum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch _row_lse_kernel over the R = V * B rows of `table`.
+    """Launch _row_lse_kernel over the R = V * B rows of `table`: once for the log-sum-exp (and column sums),
+    a second time for the probabilities.
 
-    Returns (lse (R,) float32, probabilities (R, K) float32 or None, column sums (1, K) float32 or None).
-    R = 0 launches nothing (an empty grid) and gives empty results and zero column sums.
+    Returns (lse (R,) float32, probabilities (R, K) float32 or None, column sums (G, K) float32 of the
+    G = ceil(R / 256) row groups, or None). R = 0 launches nothing and gives empty results and zero
+    column sums (1, K).
     """
     V, B, K = table.shape
     R = V * B
@@ -110,19 +144,24 @@ def row_lse(
         return (torch.empty(0, dtype=torch.float32, device=device),
                 torch.empty(0, K, dtype=torch.float32, device=device) if write_probs else None,
                 torch.zeros(1, K, dtype=torch.float32, device=device) if with_colsum else None)
-    block_r = min(tile(_BLOCK_R_CENTER if with_colsum else 1), triton.next_power_of_2(R))
-    block_k = max(16, min(tile(4096) // block_r, triton.next_power_of_2(K)))
-    programs = triton.cdiv(R, block_r)
+    block_k = max(16, min(tile(256), triton.next_power_of_2(K)))  # K = 65536: 256 slabs
+    # (BLOCK_R, BLOCK_K) blocks of 2048 elements: 16 x 256 spills in bf16 (ptxas caps it at 64 registers)
+    block_r = min(tile(2048) // block_k, triton.next_power_of_2(R), _GROUP_ROWS)
+    n_slabs, n_groups = triton.cdiv(K, block_k), triton.cdiv(R, _GROUP_ROWS)
+    grid = (min(n_groups * n_slabs, _CTAS_PER_SM * layout.num_sms(device)),)
     lse = torch.empty(R, dtype=torch.float32, device=device)
-    probs = torch.empty(R, K, dtype=torch.float32, device=device) if write_probs else None
-    colsum = torch.zeros(1, K, dtype=torch.float32, device=device) if with_colsum else None
-    _row_lse_kernel[(programs,)](
-        table.base, bias, lse, probs, colsum,
-        R, K, B, table.view_stride, table.row_stride, scale, bias_scale,
-        BLOCK_R=block_r, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, WITH_COLSUM=with_colsum, WRITE_PROBS=write_probs,
-        num_warps=8,
-    )
+    colsum = torch.empty(n_groups, K, dtype=torch.float32, device=device) if with_colsum else None
+    partial = torch.empty(2, n_slabs, R, dtype=torch.float32, device=device)
+    counter = torch.zeros(n_groups, dtype=torch.int32, device=device)  # the kernel leaves it at 0 again
+    launch = dict(X=table.base, BIAS=bias, LSE=lse, PARTIAL=partial, COUNTER=counter, n_rows=R, K=K,
+                  rows_per_view=B, view_stride=table.view_stride, row_stride=table.row_stride, scale=scale,
+                  bias_scale=bias_scale, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+                  BLOCK_S=tile(16), num_warps=8)  # BLOCK_S: the fold's (BLOCK_S, 256) tiles
+    _row_lse_kernel[grid](PROBS=None, COLSUM=colsum, WITH_COLSUM=with_colsum, WRITE_PROBS=False, **launch)
+    probs = None
+    if write_probs:
+        probs = torch.empty(R, K, dtype=torch.float32, device=device)
+        _row_lse_kernel[grid](PROBS=probs, COLSUM=None, WITH_COLSUM=False, WRITE_PROBS=True, **launch)
     return lse, probs, colsum
 
 

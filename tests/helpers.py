@@ -34,6 +34,18 @@ def tiny_config(*overrides: str) -> Config:
     return load_config(None, TINY + list(overrides))
 
 
+def tiny_model_off_init(*overrides: str, scale: float = 0.1):
+    """DinoV2 of tiny_config(*overrides) with its student weights moved off init by `scale` x N(0, 1), so that every
+    crop gives another output."""
+    from dinotron.train.model import DinoV2
+
+    model = DinoV2(tiny_config(*overrides))
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
 class MemoryLoader:
     """Batches that depend only on (seed, epoch, index), with the loader state protocol of dinotron.pipeline."""
 

@@ -2,7 +2,8 @@
 
 On CPU the Triton kernels run in the interpreter (backend="triton"); shapes stay small. The kernels
 take fp16/bf16 and accumulate in fp32. Oracles: kernels/reference.py's fp32 attention on the same
-(rounded) inputs, timm's own attention (fp32, or under the same autocast), and per-sequence calls.
+(rounded) inputs, timm's own attention (fp32, or under the same autocast), and per-sequence calls;
+the varlen work schedule against per-sequence tile counts summed by hand (exact integers).
 Tolerances (element-wise, TOL):
 - fp16 outputs and gradients: atol 4e-3, rtol 1e-2. The kernels round the softmax weights P to fp16
   for P @ V and the results to fp16 (unit roundoff 4.9e-4 each) on O(1) values: measured at most
@@ -45,7 +46,14 @@ from dinotron.kernels import (
     reference,
     swap_timm_attention,
 )
-from dinotron.kernels.flash_attention import attention_forward, is_swapped, is_timm_attention, num_tiles
+from dinotron.kernels.flash_attention import (
+    SCHEDULE_BLOCKS,
+    attention_forward,
+    is_swapped,
+    is_timm_attention,
+    tile_schedule,
+    varlen_programs,
+)
 from helpers import spy_launches
 from lowering import assert_lowers
 
@@ -173,16 +181,54 @@ def test_varlen_reference_matches_per_sequence_reference():
             torch.testing.assert_close(out[a:b], reference.attention(*seq, scale=0.3)[0].transpose(0, 1))
 
 
-def test_num_tiles_covers_every_sequence():
-    for block, tail in [(64, 16), (128, 16), (128, 32), (64, 64)]:
-        def needed(length):  # big tiles, then tail tiles until every row is covered
-            n_big = length // block
-            return n_big + -(-(length - n_big * block) // tail)
+RAGGED = [257, 50, 0, 1, 130, 16, 17, 64, 65]  # ViT global and local crops, an empty one, tile edges
 
-        for n in range(1, 300):
-            assert num_tiles(n, block, tail, varlen=False) == needed(n)
-            covered = all(needed(length) <= num_tiles(n, block, tail, varlen=True) for length in range(n + 1))
-            assert covered, (block, tail, n)
+
+def test_schedule_lists_every_tile_of_every_sequence_once():
+    """The varlen schedule against cdiv summed by hand: row r, entry s = the tiles of SCHEDULE_BLOCKS[r]
+    rows in sequences before s, so the work-item count is the sum of per-sequence tiles and an empty
+    sequence owns no item."""
+    cu_seqlens, _ = make_cu_seqlens(RAGGED)
+    table = tile_schedule(cu_seqlens)
+    assert table.dtype == torch.int32 and table.shape == (len(SCHEDULE_BLOCKS), len(RAGGED) + 1)
+    for row, block in zip(table.tolist(), SCHEDULE_BLOCKS, strict=True):
+        per_sequence = [-(-n // block) for n in RAGGED]
+        assert row == [sum(per_sequence[:s]) for s in range(len(RAGGED) + 1)], block
+        assert row[-1] == sum(per_sequence)
+    many = [50] * 1500 + [257]  # more sequences than one scan chunk (1024)
+    table = tile_schedule(make_cu_seqlens(many)[0])
+    assert table[:, -1].tolist() == [sum(-(-n // b) for n in many) for b in SCHEDULE_BLOCKS]
+
+
+def test_packed_vit_s_grid_is_the_work_item_upper_bound():
+    """The packed ViT-S step (128 images x (2 global crops of 257 tokens + 8 local of 50)): the varlen
+    grid, sized from host ints, never falls short of the work items of any packing of that many
+    tokens and sequences (each item a tile of a real sequence), and at this step holds at most 35 %
+    more programs than items (1 %, 13 %, 34 %, 22 % for 16-, 32-, 64-, 128-row tiles, as in the module
+    docstring), fewer than a grid sized for the longest sequence (n_seqs x the tiles of 257 tokens)."""
+    lengths = ([257] * 2 + [50] * 8) * 128
+    for block in SCHEDULE_BLOCKS:
+        items = sum(-(-n // block) for n in lengths)
+        programs = varlen_programs(block, len(lengths), sum(lengths), 257)
+        assert items <= programs <= 1.35 * items, block
+        assert programs < len(lengths) * -(-257 // block)
+    # the bound is reached: lengths 1 mod block (here block + 1 and 1) need exactly that many items
+    for block in SCHEDULE_BLOCKS:
+        worst = [block + 1, 1] * 3
+        assert varlen_programs(block, 6, sum(worst), block + 1) == sum(-(-n // block) for n in worst)
+
+
+@pytest.mark.parametrize("lengths", [RAGGED, [50] * 5 + [257]], ids=["ragged", "vit-crops"])
+def test_varlen_ragged_lengths_match_reference(lengths, launches):
+    """Ragged packed lengths (tile edges, an empty sequence, programs past the last work item) through
+    the Triton kernels against the reference, forward and gradients."""
+    cu_seqlens, max_seqlen = make_cu_seqlens(lengths)
+    check_against_reference(
+        qkv_inputs((sum(lengths), 2, 64)), torch.float16,
+        lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, max_seqlen, backend="triton"),
+        lambda q, k, v: reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen),
+    )
+    assert launches["_attn_fwd"] and launches["_attn_bwd"]
 
 
 def test_eager_fallback_and_autocast(launches):
@@ -490,28 +536,33 @@ def test_opcheck(backend, varlen, launches):
 
 # --- compiled kernels --------------------------------------------------------------------------------
 
-# Each kernel with its first autotune config, dense or varlen, fp16 or bf16.
+# Each kernel with the first autotune config kept for each head dim, dense or varlen, fp16 or bf16, and
+# the schedule kernel. (The configs' spill and shared-memory figures: the module docstring.)
 LOWER_SCRIPT = """
+import itertools
+
 import dinotron.kernels.flash_attention as fa
 
 POINTERS = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
-for kernel, dtype, varlen, extra in [(fa._attn_fwd, "fp16", False, {}), (fa._attn_bwd, "bf16", True, {"DKDV": False}),
-                                     (fa._attn_bwd, "fp16", True, {"DKDV": True})]:
-    config = kernel.configs[0]
-    constexprs = dict(config.kwargs, HEAD_DIM=64, IS_VARLEN=varlen, **extra)
+launches = [(fa._attn_fwd, "fp16", False, {}), (fa._attn_bwd, "bf16", True, {"DKDV": False}),
+            (fa._attn_bwd, "fp16", True, {"DKDV": True})]
+for (kernel, dtype, varlen, extra), head_dim in itertools.product(launches, fa.HEAD_DIMS):
+    config = fa._for_head_dim(kernel.configs, {}, HEAD_DIM=head_dim, **extra)[0]
+    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, IS_VARLEN=varlen, **extra)
     if not varlen:
-        constexprs["CU"] = None
+        constexprs.update(CU=None, TILES=None)
     args = {
-        n: constexprs[n] if n in constexprs else "*i32" if n == "CU" else "*fp32" if n in ("LSE", "DELTA")
+        n: constexprs[n] if n in constexprs else "*i32" if n in ("CU", "TILES") else "*fp32" if n in ("LSE", "DELTA")
         else f"*{dtype}" if n in POINTERS else "fp32" if n.endswith("scale") else "i32"
         for n in kernel.fn.arg_names
     }
     lower(kernel.fn, args, num_warps=config.num_warps, num_stages=config.num_stages)
+lower(fa._schedule_kernel, {"CU": "*i32", "TILES": "*i32", "n_seqs": "i32", "CHUNK": fa._SCAN_CHUNK}, num_warps=4)
 """
 
 
 def test_kernels_compile_for_h100():
-    assert_lowers(LOWER_SCRIPT, 3)
+    assert_lowers(LOWER_SCRIPT, 7)
 
 
 # --- on a CUDA GPU ------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""The `dinotron` command line: user errors, resume with a changed config, stale temporaries, a stopped demo.
+"""The `dinotron` command line: user errors, resume with a changed config, stale temporaries, a stopped demo, presets.
 
 Oracles: the documented contract (docs/training.md, README's Troubleshooting). A user error exits 2 with exactly one
 line on stderr that names the problem and no traceback, before the model is built (a `DinoV2` that fails the test if
 constructed); a bug keeps its traceback. Resume: the key lists of `checkpoint.config_changes` as documented (STATE_KEYS
 never, FREE_KEYS freely, every other key only with --allow-config-change). A demo stopped by SIGTERM exits 0 with
-the command that resumes it, and that command finishes the run (its metrics: every step once).
+the command that resumes it, and that command finishes the run (its metrics: every step once). Presets: the YAML files
+in configs/ (a preset is its file, named with '_' written '-'; its summary the opening comment's first sentence).
 """
 import json
 import logging
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinotron import configs
 from dinotron.train import checkpoint as ckpt
 from dinotron.train import cli, demo, loop
 from dinotron.train.config import Config, load_config, to_dict
@@ -117,6 +119,8 @@ def test_knn_shards_are_checked_before_the_model(tmp_path, capsys, no_model, mon
     (["check-shards", "{t}/none-{{000000..000001}}.tar"], "dinotron check-shards: "),
     (["demo", "--config", "{t}/missing.yaml", "--out", "{t}/demo"], "dinotron demo: config file not found"),
     (["train", "--allow-config-change"], "--allow-config-change applies to --resume only"),
+    (["train", "--preset", "vits14"], "dinotron train: --preset: unknown preset 'vits14'; the presets are demo, "),
+    (["presets", "--show", "demo.yaml"], "dinotron presets: --show: unknown preset 'demo.yaml'; the presets are "),
 ])
 def test_commands_report_user_errors_in_one_line(tmp_path, capsys, argv, message):
     code = cli.main([a.format(t=tmp_path) for a in argv])
@@ -286,6 +290,70 @@ def test_stale_temporaries_go_before_anything_is_written(tmp_path, memory_loader
     assert train(tmp_path, "train.max_steps=1") == 0
     assert seen == [[".checkpoint-00000007.tmp"]], "the folder held nothing else when they were removed"
     assert not (tmp_path / ".checkpoint-00000007.tmp").exists()
+
+
+# ---- presets: the YAML files of configs/, shipped as dinotron.configs ------------------------------
+
+PRESET_FILES = {p.stem.replace("_", "-"): p for p in sorted((ROOT / "configs").glob("*.yaml"))}
+
+
+def test_presets_lists_every_config_file_with_its_summary(capsys):
+    assert {"demo", "vits14-imagenet", "vitl14-imagenet"} <= set(PRESET_FILES)
+    assert cli.main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(PRESET_FILES)
+    for line, path in zip(lines, PRESET_FILES.values(), strict=True):
+        comment = []  # the file's opening comment, its lines joined
+        for text in path.read_text().splitlines():
+            if not text.startswith("#"):
+                break
+            comment.append(text.lstrip("# "))
+        summary = line.split(maxsplit=1)[1]
+        assert " ".join(comment).startswith(summary.removesuffix("...")), (line, comment)
+        assert len(summary) <= configs.SUMMARY_WIDTH
+
+
+@pytest.mark.parametrize("name", PRESET_FILES)
+def test_presets_show_prints_the_file(capsys, name):
+    assert cli.main(["presets", "--show", name]) == 0
+    assert capsys.readouterr().out == PRESET_FILES[name].read_text()
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_preset_loads_the_config_file(monkeypatch, command):
+    """`--preset NAME` runs with the config of `--config configs/NAME.yaml`; demo's default is the demo preset."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(config, *args, **kwargs):
+        """Trainer(cfg, ...) or run_demo(path, out, overrides, ...): records the Config, stops before any work."""
+        seen.append(to_dict(config if isinstance(config, Config) else load_config(config, args[1])))
+        raise Stop
+
+    monkeypatch.setattr(loop, "Trainer", stop)
+    monkeypatch.setattr(demo, "run_demo", stop)
+    name = "vits14-imagenet" if command == "train" else "demo"
+    argvs = [[command, "--preset", name], [command, "--config", str(PRESET_FILES[name])]]
+    if command == "demo":
+        argvs.append([command])
+    for argv in argvs:
+        with pytest.raises(Stop):
+            cli.main([*argv, "data.num_threads=1"])
+    assert len(seen) == len(argvs) and all(cfg == seen[0] for cfg in seen)
+    assert seen[0]["data"]["num_threads"] == 1, "the overrides still apply"
+
+
+@pytest.mark.parametrize("text,summary", [
+    ("# One sentence.\nmodel: {}\n", "One sentence."),
+    ("# A sentence over\n# two lines. And a second.\n", "A sentence over two lines."),
+    ("# " + "word " * 30 + "end.\n", "word " * 18 + "word..."),
+    ("# Title: " + "x" * 40 + ", " + "y" * 80 + ".\n", "Title: " + "x" * 40 + "..."),
+    ("model: {}\n# not an opening comment\n", ""),
+])
+def test_preset_summary(text, summary):
+    assert configs.summary(text) == summary
 
 
 # ---- the demo, stopped by SIGTERM and resumed -----------------------------------------------------

@@ -38,7 +38,7 @@ CENTERINGS = ("softmax", "sinkhorn_knopp")
 MODEL_STEPS = (("some", "none"), ("none", "none"), ("none", "some"))
 KERNELS = {"_ce_fwd_kernel": cross_entropy, "_ce_combine_kernel": cross_entropy, "_ce_bwd_kernel": cross_entropy,
            "_row_lse_kernel": softmax_center, "_center_ema_kernel": softmax_center,
-           "_col_lse_kernel": sinkhorn_knopp}
+           "_sinkhorn_kernel": sinkhorn_knopp}
 
 
 def _teacher_ops(rows: torch.Tensor, center: torch.Tensor, backend: str) -> dict:

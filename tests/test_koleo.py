@@ -5,7 +5,9 @@ Oracles: kernels/reference.py's koleo_loss (fp32 eager; checked against a brute-
 lightly's formula in test_reference.py), lightly 1.6.0's KoLeoLoss module itself, dinov2's
 KoLeoLoss.forward transcribed (dinov2_koleo), and hand-computed values.
 The interpreter runs the GPU's tile sizes (BLOCK_M/N/K do not depend on it) on one SM; the split
-tests set the SM count (and the split size) to reach several key splits per query block.
+tests set the SM count (and the split size) to reach several key splits per query block, and the
+`candidates` fixture sends small batches to the large-batch path (tensor-core candidates, fp32
+re-ranking), whose tf32 operands the interpreter truncates as a GPU may: the near-tie tests are real.
 Every comparison through the Triton backend checks that its launchers ran (spy_triton), so the
 eager fallback cannot pass in its place.
 Tolerances (FP32_TOL, loss_tolerance, grad_tolerance):
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import triton
 from lightly.loss import KoLeoLoss as LightlyKoLeoLoss
 
 from dinotron.kernels import KoLeoLoss, koleo, koleo_loss, layout
@@ -119,9 +122,9 @@ def _special_rows_batch(B=130, D=48, device="cpu"):
     x = torch.zeros(B, D, device=device)
     x[:, 4:] = torch.randn(B, D - 4, device=device)
     e = torch.eye(D, device=device)
-    x[5], x[20], x[90] = e[0], e[0] + e[1], e[0] - e[1]  # 5's neighbours 20 and 90 tie, in two key blocks
-    x[100], x[110], x[120] = e[2], e[2] + e[3], e[2] - e[3]  # a tie inside one key block (BLOCK_N = 64)
-    x[70] = x[129] = -e[0]  # a duplicated pair, the copy in the ragged last block: distance ||eps * 1||
+    x[5], x[20], x[90] = e[0], e[0] + e[1], e[0] - e[1]  # 5's neighbours 20 and 90 tie, in two key tiles
+    x[100], x[110], x[120] = e[2], e[2] + e[3], e[2] - e[3]  # a tie inside one 64-key tile (two 8-key ones)
+    x[70] = x[129] = -e[0]  # a duplicated pair, the copy in the ragged last tile: distance ||eps * 1||
     x[10] = 0.0  # a zero row: norm clamped to eps, all its similarities are 0
     return x
 
@@ -152,10 +155,12 @@ def test_ties_duplicates_and_zero_rows():
     assert_ties_duplicates_and_zero_rows_match()
 
 
-def spy_search(monkeypatch):
-    """Launches of the search, finishing and backward kernels."""
-    names = ("_koleo_search_kernel", "_koleo_finish_kernel", "_koleo_bwd_kernel")
-    return [spy_launches(monkeypatch, koleo, name) for name in names]
+KERNELS = ("_koleo_search_kernel", "_koleo_candidates_kernel", "_koleo_finish_kernel", "_koleo_bwd_kernel")
+
+
+def spy_kernels(monkeypatch):
+    """Launches of the exact search, candidate search, finishing and backward kernels."""
+    return [spy_launches(monkeypatch, koleo, name) for name in KERNELS]
 
 
 @pytest.fixture
@@ -165,28 +170,118 @@ def split_keys(monkeypatch):
     monkeypatch.setattr(koleo, "_MIN_KEYS_PER_SPLIT", 32)
 
 
-def test_split_search_merges_like_one_pass(split_keys, monkeypatch):
-    assert koleo._search_grid(130, 130, torch.device("cpu")) == (64, 3, 64)
-    search, finish, _ = spy_search(monkeypatch)
-    assert_ties_duplicates_and_zero_rows_match()  # ties across splits (20 | 90) and within one (110, 120)
-    assert search.grids() == [(3, 3)] and search.arg("MERGE") == [True] and finish.grids() == [(3,)]
+@pytest.fixture
+def candidates(monkeypatch):
+    """Send every batch to the candidate search and the fp32 re-ranking (GPU batches of more than
+    _EXACT_MAX_KEYS keys) rather than to the exact search."""
+    monkeypatch.setattr(koleo, "_EXACT_MAX_KEYS", 0)
+
+
+def test_exact_search_splits_and_combines_like_one_pass(split_keys, monkeypatch):
+    """B = 130 on 132 SMs: 17 query blocks of 8 rows x 9 key splits of 16 keys (the last 2); the splits'
+    best neighbours meet in one atomic max of (similarity, index), ties to the first index."""
+    assert koleo._search_plan(130, 130, torch.device("cpu")) == (True, 8, 9, 16, 0)
+    search, candidates, finish, bwd = spy_kernels(monkeypatch)
+    assert_ties_duplicates_and_zero_rows_match()  # ties across splits (20 | 90, 110 | 120)
+    assert search.grids() == [(17, 9)] and candidates.grids() == finish.grids() == []
+    assert search.arg("splits") == [9] and bwd.grids() == [(130 * 48 // 256 + 1,)]
     x = torch.rand(130, 16)  # all similarities positive ...
-    x[3] = -x[3]  # ... but row 3's, all negative: the merge must order negative similarities right
+    x[3] = -x[3]  # ... but row 3's, all negative: the combine must order negative similarities right
     assert_matches_reference(x)
-    assert_matches_reference(torch.randn(300, 40))
 
 
-def test_h100_split_search_matches_reference(monkeypatch):
-    """The H100's launch (132 SMs, at least _MIN_KEYS_PER_SPLIT = 256 keys per split) at B = 600,
-    D = 100: 10 query blocks of 64 rows (the last 24), the keys in 2 splits of 320 (5 key blocks of
-    64; the last split 280 keys, its last block 24), 2 feature tiles of 64 (the last 36), and the
-    backward in 19 blocks of 32 rows (the last 24)."""
+def test_candidate_search_splits_and_reranks(split_keys, candidates, monkeypatch):
+    """The GPU's large-batch path on the same batch: 9 query blocks of 16 x 3 key splits of 64 (ties
+    across tiles, 20 | 90, and inside one, 110 and 120), finished in 33 blocks of 4 rows; and a batch of
+    every sign."""
+    search, cands, finish, _ = spy_kernels(monkeypatch)
+    assert_ties_duplicates_and_zero_rows_match()
+    assert search.grids() == [] and cands.grids() == [(9, 3)] and cands.arg("keys_per_split") == [64]
+    assert finish.grids() == [(33,)] and finish.arg("splits") == [3] and finish.arg("BLOCK_M") == [4]
+    x = torch.rand(130, 16)
+    x[3] = -x[3]
+    assert_matches_reference(x)
+
+
+def test_h100_launch_shapes_match_reference(monkeypatch):
+    """The H100's launch (132 SMs) at B = 600, D = 100: the candidate search in 19 query blocks of 32 rows
+    (the last 24) x 10 splits of 64 keys (the last 24), 4 feature steps of 32 (the last 4); the finishing
+    kernel in 150 blocks of 4 rows; the backward in 235 blocks of 256 elements."""
     monkeypatch.setattr(layout, "num_sms", lambda device: 132)
-    search, finish, bwd = spy_search(monkeypatch)
+    search, cands, finish, bwd = spy_kernels(monkeypatch)
     assert_matches_reference(torch.randn(600, 100))
-    assert search.grids() == [(10, 2)] and search.arg("keys_per_split") == [320] and search.arg("MERGE") == [True]
-    assert search.arg("BLOCK_M") == [64] and search.arg("BLOCK_N") == [64] and search.arg("BLOCK_K") == [64]
-    assert finish.grids() == [(10,)] and bwd.grids() == [(19,)] and bwd.arg("BLOCK_M") == [32]
+    assert search.grids() == [] and cands.grids() == [(19, 10)] and cands.arg("keys_per_split") == [64]
+    assert cands.arg("BLOCK_M") == [32] and cands.arg("BLOCK_N") == [64] and cands.arg("BLOCK_K") == [32]
+    assert finish.grids() == [(150,)] and finish.arg("BLOCK_M") == [4]
+    assert bwd.grids() == [(235,)] and bwd.arg("BLOCK") == [256]
+
+
+def test_h100_plans_fill_the_sms():
+    """From B = 128 on, every launch has at least one program per SM (132), but the finishing kernel's
+    at 384 < B < 528 (4 rows a program: 97 .. 131 programs)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layout, "num_sms", lambda device: 132)
+        for B in [*range(128, 1100), 2048, 4096, 4097, 16384, 65536]:
+            plan = koleo._search_plan(B, B, torch.device("cuda"))
+            assert triton.cdiv(B, plan.block_m) * plan.splits >= 132, (B, plan)
+            assert plan.exact or triton.cdiv(B, plan.finish_block_m) >= 132 or 384 < B < 528, (B, plan)
+            assert triton.cdiv(B * 384, koleo._bwd_block(B * 384, torch.device("cuda"))) >= 132
+
+
+def tf32_scores(x):
+    """The candidate search's cheap score of every pair as the interpreter computes it: both operands
+    truncated to tf32 (10 mantissa bits), divided by the key's fp32 norm."""
+    t = (x.view(torch.int32) & -8192).view(torch.float32).double()
+    return (t @ t.t()) / x.double().norm(dim=1)
+
+
+def _near_tie_batch(keys):
+    """B = 130, D = 32: row 0 and near-tie keys at the indices `keys`, ranked by the tf32 score in this
+    order and by fp32 in the opposite one (within 4e-4 of each other, far above fp32's rounding), among
+    random rows in other dimensions (similarity 0 to them)."""
+    x = torch.zeros(130, 32)
+    x[:, 2:] = torch.randn(130, 30)
+    x[[0, *keys], 2:] = 0.0
+    x[0, 0] = 1.0
+    for j, key in enumerate(keys):
+        # (1 + j 2^-12, 0.05 - 0.002 j): tf32 truncates the 2^-12 steps away, so its score 1 / ||x_key|| falls
+        # with j (the norm grows), while fp32's cosine (1 + j 2^-12) / ||x_key|| rises (y / x falls)
+        x[key, 0], x[key, 1] = 1.0 + j * 2.0**-12, 0.05 - 0.002 * j
+    return x
+
+
+@pytest.mark.parametrize("keys", [[1, 70], [1, 2, 3]], ids=["two-splits", "three-in-one-split"])
+def test_reranking_picks_the_fp32_neighbour_of_a_near_tie(split_keys, candidates, keys):
+    """Row 0's fp32 neighbour is the tf32 score's last of a near-tie, the splits holding keys 0-63,
+    64-127 and 128-129. two-splits: each key tops its split, whose runner-up is far below, so only the
+    re-ranking of the candidates in fp32 picks key 70. three-in-one-split: key 3 is not among its split's
+    two candidates, but key 2 is within the margin of the best, so the finishing kernel searches that
+    split again in fp32 and must find key 3."""
+    x = _near_tie_batch(keys)
+    cheap = tf32_scores(x)[0, keys]
+    exact = (F.normalize(x.double()) @ F.normalize(x.double())[0])[keys]
+    assert torch.equal(cheap.argsort(descending=True), torch.arange(len(keys)))  # the trap is real ...
+    assert torch.equal(exact.argsort(), torch.arange(len(keys)))
+    assert cheap[0] - cheap[-1] < 2 * koleo._rank_tolerance(torch.float32, 32)  # ... and within the margin
+    _, nn_kernel, _ = koleo._koleo_op(x, 0, 130, 1e-8, 1e-8, 2.0, "triton")
+    nn_ref = ref.koleo_neighbours(x, 0, 130, 1e-8)
+    assert nn_ref[0] == keys[-1] and torch.equal(nn_kernel.long(), nn_ref)
+    assert_matches_reference(x)
+
+
+def test_gradient_is_computed_in_the_forward(monkeypatch):
+    """The forward's third output is d loss / d x for d loss = 1 (the reference's autograd); the backward
+    only scales it: one elementwise kernel, no search, no pair."""
+    x = torch.randn(20, 24)
+    _, _, grad = koleo._koleo_op(x, 0, 20, 1e-8, 1e-8, 2.0, "triton")
+    _, ref_grad = loss_and_grad(ref.koleo_loss, x)
+    torch.testing.assert_close(grad, ref_grad, **grad_tolerance(torch.float32, ref_grad))
+    leaf = x.clone().requires_grad_()
+    loss = koleo_loss(leaf, backend="triton")
+    launches = spy_kernels(monkeypatch)
+    (loss * -2.5).backward()
+    assert [len(calls) for calls in launches] == [0, 0, 0, 1]
+    torch.testing.assert_close(leaf.grad, -2.5 * ref_grad, **grad_tolerance(torch.float32, ref_grad))
 
 
 def test_duplicate_pair_value_is_minus_log_eps_distance():
@@ -495,45 +590,45 @@ def test_opcheck(backend):
     args = (4, 5, 1e-8, 1e-6, 3.0)  # offset, B, eps, distance_eps, p
     torch.library.opcheck(torch.ops.dinotron.koleo.default, (keys.clone().requires_grad_(), *args, backend))
     if backend == "triton":
-        _, nn_idx, norms = torch.ops.dinotron.koleo(keys, *args, backend)
-        offset, _, *floats = args
-        torch.library.opcheck(torch.ops.dinotron.koleo_backward.default,
-                              (torch.tensor(1.0), keys, nn_idx, norms, offset, *floats))
+        _, _, grad = torch.ops.dinotron.koleo(keys, *args, backend)
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.library.opcheck(torch.ops.dinotron.koleo_backward.default, (torch.tensor(1.0), grad, dtype))
 
 
 # ---- compiled kernels ----------------------------------------------------------------------------
 
-# The search with one split and with several (fp32 through tf32 / tf32x3, bf16), the finishing kernel,
-# and the backward, for p = 2 and another degree.
+# The exact search (fp32 and bf16, p = 2 and another degree), the candidate search (fp32 through tf32, bf16),
+# the finishing kernel (16 and 2 rows a program) and the backward, with the launch options of _triton_forward.
 LOWER_SCRIPT = """
 from dinotron.kernels import koleo
 
-rows = dict(NORM_Q="*fp32", NORM_NN="*fp32", LOSS="*fp32")
-tf32, tf32x3 = tl.constexpr("tf32"), tl.constexpr("tf32x3")
-for dtype, merge, precision, p_is_2 in [
-    ("fp32", False, tf32, True), ("fp32", True, tf32x3, True), ("bf16", True, None, False)
-]:
-    lower(koleo._koleo_search_kernel, dict(K=f"*{dtype}", BEST="*i64" if merge else None, NN="*i32", **rows,
-          B="i32", N="i32", D="i32", offset="i32", stride="i32", keys_per_split="i32", eps="fp32", dist_eps="fp32",
-          p="fp32", BLOCK_M=64, BLOCK_N=koleo._BLOCK_N, BLOCK_K=64, MERGE=merge, P_IS_2=p_is_2,
-          PRECISION=precision, UPCAST=False), num_warps=4)
-lower(koleo._koleo_finish_kernel, dict(K="*bf16", BEST="*i64", NN="*i32", **rows, B="i32", D="i32", offset="i32",
-      stride="i32", eps="fp32", dist_eps="fp32", p="fp32", BLOCK_M=64, BLOCK_K=64, P_IS_2=True), num_warps=4)
-lower(koleo._koleo_bwd_kernel, dict(K="*bf16", NN="*i32", NORM_Q="*fp32", NORM_NN="*fp32", GRAD_LOSS="*bf16",
-      DK="*fp32", B="i32", D="i32", offset="i32", stride="i32", stride_dk="i32", eps="fp32", dist_eps="fp32",
-      p="fp32", inv_B="fp32", BLOCK_M=koleo._BLOCK_M_BWD, BLOCK_K=64, P_IS_2=False), num_warps=4)
+rows = dict(B="i32", N="i32", D="i32", offset="i32", stride="i32", keys_per_split="i32")
+finish = dict(splits="i32", eps="fp32", dist_eps="fp32", p="fp32", inv_B="fp32")
+for dtype, p_is_2 in [("fp32", True), ("bf16", False)]:
+    lower(koleo._koleo_search_kernel, dict(K=f"*{dtype}", BEST="*i64", COUNT="*i32", NN="*i32", LOSS="*fp32",
+          G="*fp32", **rows, **finish, BLOCK_M=koleo._EXACT_BLOCK, BLOCK_N=koleo._EXACT_BLOCK,
+          BLOCK_K=koleo._EXACT_BLOCK_K, P_IS_2=p_is_2), num_warps=2)
+for dtype, precision in [("fp32", tl.constexpr("tf32")), ("bf16", None)]:
+    lower(koleo._koleo_candidates_kernel, dict(K=f"*{dtype}", CAND="*i64", **rows, eps="fp32", BLOCK_M=64,
+          BLOCK_N=koleo._BLOCK_N, BLOCK_K=koleo._BLOCK_K, PRECISION=precision, INTERPRETED=False), num_warps=64 // 8)
+for dtype, block_m, p_is_2 in [("fp32", 16, True), ("bf16", 4, False)]:
+    lower(koleo._koleo_finish_kernel, dict(K=f"*{dtype}", CAND="*i64", NN="*i32", LOSS="*fp32", G="*fp32", **rows,
+          **finish, tol="fp32", BLOCK_M=block_m, BLOCK_N=koleo._FALLBACK_BLOCK_N, BLOCK_K=koleo._BLOCK_K,
+          P_IS_2=p_is_2), num_warps=max(2, block_m // 4))
+lower(koleo._koleo_bwd_kernel, dict(G="*fp32", GRAD_LOSS="*bf16", DK="*bf16", numel="i32", BLOCK=1024), num_warps=4)
 """
 
 
 def test_kernels_compile_for_h100():
-    assert_lowers(LOWER_SCRIPT, 5)
+    assert_lowers(LOWER_SCRIPT, 7)
 
 
 # ---- on a CUDA GPU (pytest -m gpu) ---------------------------------------------------------------
 
 def _pairs(B, D, device):
     """Rows in shuffled pairs (a direction and a 5% perturbation of it): every nearest neighbour wins by
-    a wide margin, so the tf32x3 / bf16 search and the reference's fp32 mm cannot pick differently."""
+    a wide margin, so the kernel's fp32 scores and the reference's fp32 mm (summed in other orders) cannot
+    pick differently."""
     base = torch.randn(B // 2 + 1, D, device=device).repeat_interleave(2, dim=0)[:B]
     return (base + 0.05 * torch.randn(B, D, device=device))[torch.randperm(B, device=device)]
 
@@ -542,7 +637,7 @@ def _pairs(B, D, device):
 @pytest.mark.parametrize("B,D", [(2, 64), (3, 1000), (128, 384), (1000, 1024), (4096, 384)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_reference(B, D, dtype, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the search in tf32x3
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the reference's mm (the kernel ignores it)
     x = _pairs(B, D, "cuda").to(dtype)
     assert_matches_reference(x)
 

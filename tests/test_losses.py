@@ -40,6 +40,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import triton
 from lightly.loss import DINOLoss as LightlyDINOLoss
 from lightly.loss import IBOTPatchLoss as LightlyIBOTPatchLoss
 
@@ -111,12 +112,12 @@ def center_of(module) -> torch.Tensor:
 
 KERNELS = {
     "_ce_fwd_kernel": cross_entropy, "_ce_combine_kernel": cross_entropy, "_ce_bwd_kernel": cross_entropy,
-    "_row_lse_kernel": softmax_center, "_center_ema_kernel": softmax_center, "_col_lse_kernel": sinkhorn_knopp,
+    "_row_lse_kernel": softmax_center, "_center_ema_kernel": softmax_center, "_sinkhorn_kernel": sinkhorn_knopp,
 }
 CE_FWD = {"_ce_fwd_kernel", "_ce_combine_kernel"}  # the fused loss's forward
 CE = CE_FWD | {"_ce_bwd_kernel"}  # its forward and backward
 CENTERED = {"_row_lse_kernel", "_center_ema_kernel"}  # softmax centring with the centre's update
-SINKHORN = {"_row_lse_kernel", "_col_lse_kernel"}
+SINKHORN = {"_sinkhorn_kernel"}
 
 
 @pytest.fixture
@@ -905,46 +906,57 @@ def spy_ce(monkeypatch):
     return [spy_launches(monkeypatch, cross_entropy, name) for name in names]
 
 
-def assert_ce_tiling(launches, grid, block_k, cols_per_split, n_calls=1):
+def assert_ce_tiling(launches, grid, block_k, blocks_per_split, n_calls=1):
     """Each of n_calls forward and backward passes launched the kernels on this tiling."""
     fwd, combine, bwd = launches
     for kernel in (fwd, bwd):
         assert kernel.grids() == [grid] * n_calls and kernel.arg("BLOCK_K") == [block_k] * n_calls
-        assert kernel.arg("cols_per_split") == [cols_per_split] * n_calls
+        assert kernel.arg("blocks_per_split") == [blocks_per_split] * n_calls
     assert combine.arg("n_splits") == [grid[1]] * n_calls
 
 
-@pytest.mark.parametrize("S,T,B,K,n_sms,dtype,grid,block_k,cols_per_split", [
-    # V_PAD 16: BLOCK_K 256, 4 blocks (last 232 columns); 4 splits of one block each, as on an H100
-    (10, 2, 3, 1000, H100_SMS, torch.float32, (3, 4), 256, 256),
-    # the same blocks, 2 splits of 2 blocks: split 1 is [512, 1000), its second block partial (232)
-    (10, 2, 3, 1000, 1, torch.float32, (3, 2), 256, 512),
-    # 12 blocks (last 184), 4 splits of 3 blocks, the last [2304, 3000): several blocks per split, as
-    # B=64, K=65536 on an H100 (9 splits of 29 blocks), in bf16
-    (10, 2, 5, 3000, 4, torch.bfloat16, (5, 4), 256, 768),
-    # V_PAD 4: BLOCK_K 1024, 5 blocks; 4 splits asked, 3 made of 2 blocks, the last one partial block (904)
-    (4, 2, 1, 5000, 1, torch.float32, (1, 3), 1024, 2048),
-    # V_PAD 2 (two global crops, no local): BLOCK_K 2048, 3 blocks (last 904), one split each
-    (2, 2, 2, 5000, H100_SMS, torch.float32, (2, 3), 2048, 2048),
+@pytest.mark.parametrize("S,T,B,K,n_sms,dtype,grid,block_k,blocks_per_split", [
+    # S_PAD 16, T_PAD 2: BLOCK_K 256, 4 blocks (last 232 columns); 4 splits of one block each, as on an H100
+    (10, 2, 3, 1000, H100_SMS, torch.float32, (3, 4), 256, 1),
+    # the same blocks, one wave of 2 x 3 SMs: 2 splits of 2 blocks, split 1 is [512, 1000), its second
+    # block partial (232)
+    (10, 2, 3, 1000, 3, torch.float32, (3, 2), 256, 2),
+    # 12 blocks (last 184), 2 x 10 SMs for 5 rows: 4 splits of 3 blocks, the last [2304, 3000): several
+    # blocks per split, as B=64, K=65536 on an H100 (4 splits of 64 blocks), in bf16
+    (10, 2, 5, 3000, 10, torch.bfloat16, (5, 4), 256, 3),
+    # S_PAD 4, T_PAD 2: BLOCK_K 1024, 5 blocks; 4 splits asked, 3 made of 2 blocks, the last one partial
+    # block (904)
+    (4, 2, 1, 5000, 2, torch.float32, (1, 3), 1024, 2),
+    # S_PAD 2 (two global crops, no local): BLOCK_K 2048, 3 blocks (last 904), one split each
+    (2, 2, 2, 5000, H100_SMS, torch.float32, (2, 3), 2048, 1),
+    # more teacher than student views: S_PAD 2, T_PAD 4 (3 teacher rows and a masked one)
+    (2, 3, 2, 5000, 2, torch.float32, (2, 2), 2048, 2),
 ])
 def test_gpu_tiles_dino_loss_matches_reference(gpu_tiles, monkeypatch, S, T, B, K, n_sms, dtype, grid, block_k,
-                                               cols_per_split):
+                                               blocks_per_split):
     gpu_tiles(n_sms)
     launches = spy_ce(monkeypatch)
     student, teacher = make_views(S, T, B, K, dtype)
     actual = loss_and_grads(lambda s: dino_loss(s, teacher, student_temp=0.1, backend="triton"), student)
-    assert_ce_tiling(launches, grid, block_k, cols_per_split)
-    expected = loss_and_grads(lambda s: reference.dino_loss(s, teacher, student_temp=0.1), student)
-    assert_same_loss_and_grads(actual, expected, dtype)
+    assert_ce_tiling(launches, grid, block_k, blocks_per_split)
+    assert launches[0].arg("S_PAD") == [triton.next_power_of_2(S)] and launches[0].arg("T_PAD") == [
+        triton.next_power_of_2(T)]
+    for kwargs in PAIRINGS.values():
+        expected = loss_and_grads(lambda s, kwargs=kwargs: reference.dino_loss(s, teacher, student_temp=0.1,
+                                                                                **kwargs), student)
+        if kwargs:
+            actual = loss_and_grads(lambda s, kwargs=kwargs: dino_loss(s, teacher, student_temp=0.1,
+                                                                        backend="triton", **kwargs), student)
+        assert_same_loss_and_grads(actual, expected, dtype)
 
 
-@pytest.mark.parametrize("n_sms,grid,cols_per_split", [
-    # V_PAD 1: BLOCK_K 4096, 3 blocks (last 808 columns); H100: 3 splits, one block each
-    (H100_SMS, (7, 3), 4096),
+@pytest.mark.parametrize("n_sms,grid,blocks_per_split", [
+    # S_PAD = T_PAD = 1: BLOCK_K 4096, 3 blocks (last 808 columns); H100: 3 splits, one block each
+    (H100_SMS, (7, 3), 1),
     # one split per row, looping over the 3 blocks
-    (1, (7, 1), 12288),
+    (1, (7, 1), 3),
 ])
-def test_gpu_tiles_ibot_patch_loss_matches_reference(gpu_tiles, monkeypatch, n_sms, grid, cols_per_split):
+def test_gpu_tiles_ibot_patch_loss_matches_reference(gpu_tiles, monkeypatch, n_sms, grid, blocks_per_split):
     gpu_tiles(n_sms)
     launches = spy_ce(monkeypatch)
     masks = torch.zeros(3, 4, dtype=torch.bool)
@@ -953,7 +965,7 @@ def test_gpu_tiles_ibot_patch_loss_matches_reference(gpu_tiles, monkeypatch, n_s
     teacher = torch.softmax(3 * torch.randn(7, 9000), dim=-1)
     actual = loss_and_grads(lambda s: ibot_patch_loss(s[0], teacher, masks, student_temp=0.1, backend="triton"),
                             student)
-    assert_ce_tiling(launches, grid, 4096, cols_per_split)
+    assert_ce_tiling(launches, grid, 4096, blocks_per_split)
     assert launches[1].arg("HAS_WEIGHT") == launches[2].arg("HAS_WEIGHT") == [True]
     expected = loss_and_grads(lambda s: dinov2_ibot_forward_masked(s[0], teacher, masks), student)
     assert_same_loss_and_grads(actual, expected, torch.float32)
@@ -978,17 +990,30 @@ def test_gpu_tiles_softmax_center_and_update_match_reference(gpu_tiles, monkeypa
     assert ema.grids() == [(20,)] * 2 and ema.arg("BLOCK_K") == [256] * 2 and ema.arg("n_partial") == [1, 20]
 
 
-def test_gpu_tiles_sinkhorn_matches_reference(gpu_tiles, monkeypatch):
-    """40 rows of K=5000, 3 iterations: the column pass BLOCK_R 32 x BLOCK_K 128 (40 programs, the
-    last 8 columns; 2 row blocks, the last 8 rows), the row pass BLOCK_K 4096 (2 blocks, the last 904)."""
-    cols = spy_launches(monkeypatch, sinkhorn_knopp, "_col_lse_kernel")
-    rows = spy_launches(monkeypatch, softmax_center, "_row_lse_kernel")
-    logits = 0.5 * torch.randn(40, 5000)
+@pytest.mark.parametrize("n_sms,grid,fold_in_kernel", [(H100_SMS, 20, True), (4, 8, True), (4, 8, False)])
+def test_gpu_tiles_sinkhorn_matches_reference(gpu_tiles, monkeypatch, n_sms, grid, fold_in_kernel):
+    """300 rows of K=5000, 3 iterations: slabs of BLOCK_K 256 columns (20, the last 136 columns), row blocks
+    of BLOCK_R 16 (19, the last 12 rows); one launch per iteration (both passes) and one writing the
+    probabilities. On 132 SMs one slab per program; on 4 SMs 8 programs of 2 or 3 slabs each (the grid is
+    one wave of 2 programs per SM), so a program's partials and the last program's fold span slabs. With
+    more row partials than _FOLD_IN_KERNEL_MAX, _fold_kernel folds them after each iteration instead, its
+    programs taking 256 rows each (2, the last 44 rows)."""
+    gpu_tiles(n_sms)
+    if not fold_in_kernel:
+        monkeypatch.setattr(sinkhorn_knopp, "_FOLD_IN_KERNEL_MAX", 20 * 300 - 1)
+    launches = spy_launches(monkeypatch, sinkhorn_knopp, "_sinkhorn_kernel")
+    folds = spy_launches(monkeypatch, sinkhorn_knopp, "_fold_kernel")
+    logits = 0.5 * torch.randn(300, 5000)
     out = sinkhorn_knopp_teacher(logits, 0.05, 3, backend="triton")
     torch.testing.assert_close(out, reference.sinkhorn_knopp_teacher(logits, 0.05, 3), **FP32)
-    assert cols.grids() == [(40,)] * 3 and cols.arg("BLOCK_R") == [32] * 3 and cols.arg("BLOCK_K") == [128] * 3
-    assert rows.grids() == [(40,)] * 3 and rows.arg("BLOCK_K") == [4096] * 3
-    assert rows.arg("WRITE_PROBS") == [False, False, True]  # the last row pass writes the probabilities
+    assert launches.grids() == [(grid,)] * 4
+    assert launches.arg("BLOCK_R") == [16] * 4 and launches.arg("BLOCK_K") == [256] * 4
+    assert launches.arg("HAS_ROW") == [False, True, True, True]
+    assert launches.arg("COL_PASS") == launches.arg("ROW_PASS") == [True, True, True, False]
+    assert launches.arg("WRITE_PROBS") == [False, False, False, True]
+    assert launches.arg("FOLD")[:3] == [fold_in_kernel] * 3
+    assert folds.grids() == ([] if fold_in_kernel else [(2,)] * 3)
+    assert launches.arg("COUNTER")[-1].item() == 0  # the last program of each launch reset it
 
 
 def module_call(module, teacher, masks=None):
@@ -999,24 +1024,25 @@ def module_call(module, teacher, masks=None):
     return lambda s: module(teacher, s[0], masks)
 
 
-@pytest.mark.parametrize("module,centering,K,grid,block_k,row_pass,col_pass", [
+@pytest.mark.parametrize("module,centering,K,grid,block_k,row_pass,sinkhorn_pass", [
     # 10 student views of 3 rows: BLOCK_K 256, 10 blocks (the last 196 columns) in 10 splits; the
     # centring pass BLOCK_R 4 x BLOCK_K 1024 (2 programs; 3 blocks, the last 452)
     (DINOLoss, "softmax", 2500, (3, 10), 256, ((2,), 4, 1024), None),
-    # Sinkhorn's column pass BLOCK_R 8 x BLOCK_K 512 (5 programs, the last 452 columns), its row pass
-    # one partial block of 4096
-    (DINOLoss, "sinkhorn_knopp", 2500, (3, 10), 256, ((6,), 1, 4096), ((5,), 8, 512)),
+    # Sinkhorn-Knopp over the 6 teacher rows: 10 slabs of BLOCK_K 256 (the last 196 columns), one program
+    # each, row blocks of BLOCK_R 8 (next_pow2(6))
+    (DINOLoss, "sinkhorn_knopp", 2500, (3, 10), 256, None, ((10,), 8, 256)),
     # 7 masked rows: BLOCK_K 4096, 3 blocks (the last 808 columns) in 3 splits; the centring pass
     # BLOCK_R 4 x BLOCK_K 1024 (2 programs, the second with 3 rows; 9 blocks, the last 808)
     (IBOTPatchLoss, "softmax", 9000, (7, 3), 4096, ((2,), 4, 1024), None),
 ])
-def test_gpu_tiles_modules_match_eager(gpu_tiles, monkeypatch, module, centering, K, grid, block_k, row_pass, col_pass):
+def test_gpu_tiles_modules_match_eager(gpu_tiles, monkeypatch, module, centering, K, grid, block_k, row_pass,
+                                      sinkhorn_pass):
     """Teacher logits, their centred targets recomputed inside the cross-entropy kernels; two steps,
-    the second centred with the updated centre. row_pass / col_pass: (grid, BLOCK_R, BLOCK_K) of the
-    teacher's row (log-sum-exp) and column (Sinkhorn) kernels."""
+    the second centred with the updated centre. row_pass / sinkhorn_pass: (grid, BLOCK_R, BLOCK_K) of the
+    softmax centring's row (log-sum-exp) kernel and of the Sinkhorn-Knopp kernel."""
     launches = spy_ce(monkeypatch)
     rows = spy_launches(monkeypatch, softmax_center, "_row_lse_kernel")
-    cols = spy_launches(monkeypatch, sinkhorn_knopp, "_col_lse_kernel")
+    sinkhorn = spy_launches(monkeypatch, sinkhorn_knopp, "_sinkhorn_kernel")
     fused, eager = module(K, centering=centering, backend="triton"), module(K, centering=centering, backend="eager")
     masks = None
     if module is IBOTPatchLoss:
@@ -1030,10 +1056,11 @@ def test_gpu_tiles_modules_match_eager(gpu_tiles, monkeypatch, module, centering
         actual = loss_and_grads(module_call(fused, teacher, masks), student)
         assert_same_loss_and_grads(actual, loss_and_grads(module_call(eager, teacher, masks), student), torch.float32)
         torch.testing.assert_close(center_of(fused), center_of(eager), **FP32)
-    assert_ce_tiling(launches, grid, block_k, block_k, n_calls=2)
+    assert_ce_tiling(launches, grid, block_k, 1, n_calls=2)
     assert launches[0].arg("TEACHER_LOGITS") == [True, True]
-    assert set(zip(rows.grids(), rows.arg("BLOCK_R"), rows.arg("BLOCK_K"), strict=True)) == {row_pass}
-    assert set(zip(cols.grids(), cols.arg("BLOCK_R"), cols.arg("BLOCK_K"), strict=True)) == ({col_pass} - {None})
+    assert set(zip(rows.grids(), rows.arg("BLOCK_R"), rows.arg("BLOCK_K"), strict=True)) == {row_pass} - {None}
+    assert set(zip(sinkhorn.grids(), sinkhorn.arg("BLOCK_R"), sinkhorn.arg("BLOCK_K"), strict=True)) == (
+        {sinkhorn_pass} - {None})
 
 
 # ---- bad input, non-finite values, teacher gradients, the backend switch ----------------------------
@@ -1492,7 +1519,7 @@ def test_distributed_collectives_match_the_reference(one_rank_group, launches):
             assert calls == center_calls + verdict
             torch.testing.assert_close(out, expected[0], **FP32)
             torch.testing.assert_close(new, expected[1], **FP32)
-        assert ran(launches) == expect(backend, {"_row_lse_kernel", "_col_lse_kernel"})
+        assert ran(launches) == expect(backend, {"_row_lse_kernel", "_sinkhorn_kernel"})
         calls.clear()
         module, theirs = DINOLoss(300, backend=backend), LightlyDINOLoss(300)
         loss = module(teacher, student)
@@ -1502,7 +1529,8 @@ def test_distributed_collectives_match_the_reference(one_rank_group, launches):
         calls.clear()
         DINOLoss(300, centering="sinkhorn_knopp", backend=backend)(teacher, student)
         assert calls == sinkhorn_calls
-        assert ran(launches) == expect(backend, CE_FWD | SINKHORN)
+        # both modules: the centring pass (the EMA itself in the reference form, distributed) and Sinkhorn-Knopp
+        assert ran(launches) == expect(backend, CE_FWD | {"_row_lse_kernel"} | SINKHORN)
 
 
 # ---- the compiled kernels -------------------------------------------------------------------------
@@ -1512,14 +1540,14 @@ def test_distributed_collectives_match_the_reference(one_rank_group, launches):
 LOWER_SCRIPT = """
 from dinotron.kernels import cross_entropy as ce, sinkhorn_knopp as sk, softmax_center as sc
 
-sizes = dict(n_rows="i32", K="i32", n_s_views="i32", n_t_views="i32", cols_per_split="i32",
+sizes = dict(n_rows="i32", K="i32", n_s_views="i32", n_t_views="i32", blocks_per_split="i32",
              s_scale="fp32", logit_scale="fp32", col_scale="fp32")
 for teacher_logits, exclude, dtype, stride in [(True, True, "bf16", "i32"), (False, False, "fp32", "i64")]:
     views = dict(S_PTR=f"*{dtype}", s_view_stride=stride, s_row_stride="i32", T_PTR=f"*{dtype}",
                  t_view_stride=stride, t_row_stride="i32",
                  COL="*fp32" if teacher_logits else None, ROW_LSE="*fp32" if teacher_logits else None)
-    flags = dict(V_PAD=16 if exclude else 1, BLOCK_K=256 if exclude else 4096, TEACHER_LOGITS=teacher_logits,
-                 EXCLUDE_SAME_VIEW=exclude)
+    flags = dict(S_PAD=16 if exclude else 1, T_PAD=2 if exclude else 1, BLOCK_K=256 if exclude else 4096,
+                 TEACHER_LOGITS=teacher_logits, EXCLUDE_SAME_VIEW=exclude)
     lower(ce._ce_fwd_kernel, dict(**views, PARTIAL="*fp32", **sizes, **flags))
     lower(ce._ce_bwd_kernel, dict(**views, LSE="*fp32", MASS="*fp32", WEIGHT=None if exclude else "*fp32",
           GRAD_LOSS="*fp32", GRAD=f"*{dtype}", grad_view_stride="i32", **sizes, scale="fp32",
@@ -1533,13 +1561,21 @@ for with_colsum, dtype in [(True, "bf16"), (False, "fp32")]:
           BLOCK_K=1024 if with_colsum else 4096, HAS_BIAS=True, WITH_COLSUM=with_colsum, WRITE_PROBS=not with_colsum))
 lower(sc._center_ema_kernel, dict(PARTIAL="*fp32", CENTER="*bf16", OUT="*bf16", n_partial="i32", partial_stride="i32",
       K="i32", inv_count="fp32", momentum="fp32", BLOCK_P=16, BLOCK_K=256), num_warps=4)
-lower(sk._col_lse_kernel, dict(X="*bf16", ROW_LSE="*fp32", OUT="*fp32", n_rows="i32", K="i32", rows_per_view="i32",
-      view_stride="i32", row_stride="i32", scale="fp32", HAS_ROW_LSE=True, BLOCK_R=32, BLOCK_K=128))
+# one iteration's launch (both passes), distributed's column and row launches, the probabilities' launch
+for dtype, has_row, col_pass, row_pass, probs in [("bf16", True, True, True, False),
+                                                  ("fp32", False, True, False, False),
+                                                  ("fp32", True, False, True, False),
+                                                  ("bf16", True, False, False, True)]:
+    lower(sk._sinkhorn_kernel, dict(X=f"*{dtype}", ROW="*fp32", COL="*fp32", SHIFT="*fp32", PARTIAL="*fp32",
+          COUNTER="*i32", PROBS="*fp32" if probs else None, n_rows="i32", K="i32", rows_per_view="i32",
+          view_stride="i32", row_stride="i32", scale="fp32", HAS_ROW=has_row, COL_PASS=col_pass,
+          ROW_PASS=row_pass, FOLD=dtype == "bf16", WRITE_PROBS=probs, BLOCK_R=16, BLOCK_K=256, BLOCK_S=16))
+lower(sk._fold_kernel, dict(PARTIAL="*fp32", ROW="*fp32", n_slabs="i32", n_rows="i32", BLOCK_S=16))
 """
 
 
 def test_kernels_compile_for_h100():
-    assert_lowers(LOWER_SCRIPT, 9)
+    assert_lowers(LOWER_SCRIPT, 13)
 
 
 # ---- on a CUDA GPU (pytest -m gpu) ----------------------------------------------------------------

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from dinotron import kernels
 from dinotron.train.loop import _DTYPES, build_grad_scaler
 from dinotron.train.masking import BlockMaskGenerator, masked_patch_indices
-from dinotron.train.model import DinoV2, fp16_in_graph
+from dinotron.train.model import DinoV2, HeadOutputs, fp16_in_graph
 from helpers import tiny_config
 
 B, N_GLOBAL, N_LOCAL, GRID, K = 64, 2, 8, 16, 65536
@@ -63,19 +63,20 @@ class _Features(nn.Module):
         super().__init__()
         self.student, self.cls, self.patches = student, cls, patches
 
-    def forward(self, global_crops, masks, mask_indices, local_crops=None, *, pack=False):
-        cls_logits, patch_logits = self.student.heads(self.cls, self.patches)
+    def forward(self, global_crops, masks, mask_indices, local_crops=None, *, pack=False, fused=False):
+        assert not fused, "the logits' gradients are read: the unfused heads"
+        cls_logits, patch_logits, _, _ = self.student.heads(self.cls, self.patches)
         for logits in (cls_logits, patch_logits):
             logits.retain_grad()
         self.logits = (cls_logits, patch_logits)
-        return self.cls[: global_crops.shape[0]], cls_logits, patch_logits
+        return HeadOutputs(self.cls[: global_crops.shape[0]], None, cls_logits, patch_logits)
 
 
 @pytest.fixture(scope="module")
 def case():
     torch.manual_seed(0)
     cfg = tiny_config(f"dino.head={{n_prototypes: {K}, hidden_dim: 64, bottleneck_dim: 64, nlayers: 3}}",
-                      f"data.augment.n_local={N_LOCAL}")
+                      f"data.augment.n_local={N_LOCAL}", "model.fused_head=false")
     model = DinoV2(cfg)
     with torch.no_grad():  # narrow layers at dinov2's output scale (see the module docstring)
         for layer in model.student.dino_head.mlp:
@@ -91,7 +92,7 @@ def case():
     patches = F.layer_norm(torch.randn(len(mask_indices), dim), (dim,))
     with torch.no_grad():  # the teacher at init: the student's heads on slightly different features
         teacher = model.student.heads(cls[: N_GLOBAL * B] + 0.1 * torch.randn_like(cls[: N_GLOBAL * B]),
-                                      patches + 0.1 * torch.randn_like(patches))
+                                      patches + 0.1 * torch.randn_like(patches))[:2]
         center = torch.zeros(1, K)
         targets = {name: kernels.softmax_center_and_update_teacher(logits, center, 0.04, 0.9)[0]
                    for name, logits in zip(("cls_probs", "patch_probs"), teacher, strict=True)}

@@ -22,7 +22,7 @@ from dinotron.train.model import DINOHead, DinoV2
 from dinotron.train.optim import apply_schedules, build_optimizer, layer_id, param_groups
 from dinotron.train.parallel import LaunchEnv, launch_env, parallelize
 from dinotron.train.schedules import CosineSchedule, build_schedules, scaled_lr
-from helpers import tiny_config
+from helpers import tiny_config, tiny_model_off_init
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -266,9 +266,12 @@ def test_head_logits_in_fp16_under_bf16_autocast():
 
 # ---- the objective equals the reference ops composed as dinov2 does -----------------------------
 
+@pytest.mark.parametrize("fused", ["true", "false"])
 @pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
-def test_loss_composition_matches_dinov2(centering):
-    cfg = tiny_config(f"teacher.centering={centering}", "model.drop_path_rate=0.0")
+def test_loss_composition_matches_dinov2(centering, fused):
+    """The objective, with the prototype layers fused into the losses (model.fused_head) or not, equals dinov2's
+    ssl_meta_arch written out with the reference ops (fp32 on CPU: 1e-5 relative)."""
+    cfg = tiny_config(f"teacher.centering={centering}", "model.drop_path_rate=0.0", f"model.fused_head={fused}")
     model = DinoV2(cfg)
     with torch.no_grad():  # weights far from init, so that every crop gets a different output
         for p in model.student.parameters():
@@ -315,6 +318,31 @@ def test_loss_composition_matches_dinov2(centering):
     torch.testing.assert_close(out["loss"], local_loss + global_loss + koleo + ibot, rtol=1e-5, atol=1e-6)
     if centering == "softmax":
         torch.testing.assert_close(model.dino_center, ref.update_center(center0, t_cls, 0.9))
+
+
+def test_fused_heads_give_the_unfused_gradients():
+    """Every student parameter's gradient (prototypes included) and the new centres equal the unfused path's
+    (fp32, same weights and inputs; 1e-5 relative, fp32 sums in another order)."""
+    torch.manual_seed(0)
+    cfg = tiny_config("model.drop_path_rate=0.0", "model.fused_head=false")
+    unfused = DinoV2(cfg)
+    with torch.no_grad():
+        for p in unfused.student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    fused = DinoV2(tiny_config("model.drop_path_rate=0.0"))
+    fused.load_state_dict(unfused.state_dict())
+    g, local = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 16, 16)
+    masks = torch.zeros(6, 16, dtype=torch.bool)
+    masks[0, :5] = masks[4, 2:9] = True
+    grads = []
+    for model in (unfused, fused):
+        model(g, local, masks, 0.05)["loss"].backward()
+        grads.append({k: p.grad for k, p in model.student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("last_layer" in k for k in grads[1])
+    for k, v in grads[0].items():
+        torch.testing.assert_close(grads[1][k], v, rtol=1e-5, atol=1e-7, msg=k)
+    for name in ("dino_center", "ibot_center"):
+        torch.testing.assert_close(getattr(fused, name), getattr(unfused, name))
 
 
 # ---- collapse watch -----------------------------------------------------------------------------
@@ -412,11 +440,7 @@ def test_export_round_trip_through_timm(tmp_path, layerscale):
 # ---- packed multi-crop forward ------------------------------------------------------------------
 
 def test_packed_crops_equal_separate_forwards():
-    cfg = tiny_config("model.attention=dinotron", "model.pack_crops=true", "model.drop_path_rate=0.0")
-    model = DinoV2(cfg)
-    with torch.no_grad():
-        for p in model.student.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    model = tiny_model_off_init("model.attention=dinotron", "model.pack_crops=true", "model.drop_path_rate=0.0")
     g, local = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)
     masks = torch.rand(4, 16) < 0.3
     backbone = model.student.backbone

@@ -14,8 +14,12 @@ import logging
 import runpy
 import shlex
 import sys
+from contextlib import contextmanager
+from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
+
+from dinotron import configs
 
 log = logging.getLogger("dinotron.train.cli")  # not __name__, which is "__main__" under python -m
 
@@ -68,6 +72,29 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--run", help="a training output_dir: its latest checkpoint is used")
 
 
+@contextmanager
+def _config_file(args):
+    """The path of --config, else of --preset's shipped YAML (a real file, importlib.resources.as_file), else None."""
+    if args.config is not None or args.preset is None:
+        yield args.config
+        return
+    from dinotron.train.errors import UserError
+
+    try:
+        preset = configs.preset_file(args.preset)
+    except ValueError as e:
+        raise UserError(f"--preset: {e}") from e
+    with resources.as_file(preset) as path:
+        yield path
+
+
+def _add_config_source(p: argparse.ArgumentParser, preset: str | None, what: str) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", help=f"a YAML config file; default: {what}")
+    src.add_argument("--preset", default=preset, metavar="NAME",
+                     help="a config shipped with dinotron, by name (`dinotron presets` lists them)")
+
+
 def cmd_train(args) -> int:
     from dinotron.train.config import load_config
     from dinotron.train.errors import UserError
@@ -75,7 +102,8 @@ def cmd_train(args) -> int:
 
     if args.allow_config_change and not args.resume:
         raise UserError("--allow-config-change applies to --resume only")
-    cfg = load_config(args.config, args.overrides)
+    with _config_file(args) as path:
+        cfg = load_config(path, args.overrides)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     try:
         result = trainer.fit()
@@ -119,6 +147,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """Runs benchmarks/bench_NAME.py of the checkout in the working folder, or of the editable install's. The
+    benchmarks are not in the wheel: they are scripts that import their folder's common.py (bench_step.py also the
+    tests' helpers.py) and write their results into the checkout's benchmarks/results/."""
     for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
         script = root / "benchmarks" / f"bench_{args.name}.py"
         if script.is_file():
@@ -128,13 +159,31 @@ def cmd_bench(args) -> int:
             return 0
     from dinotron.train.errors import UserError
 
-    raise UserError(f"benchmarks/bench_{args.name}.py not found; run from a dinotron checkout")
+    raise UserError(f"benchmarks/bench_{args.name}.py not found: the benchmarks are scripts in a dinotron checkout, "
+                    "not in the installed package; run this from a clone (pip install -e '.[bench]')")
+
+
+def cmd_presets(args) -> int:
+    if args.show is not None:
+        from dinotron.train.errors import UserError
+
+        try:
+            print(configs.preset_file(args.show).read_text(), end="")
+        except ValueError as e:
+            raise UserError(f"--show: {e}") from e
+        return 0
+    found = configs.presets()
+    width = max(map(len, found))
+    for name, file in found.items():
+        print(f"{name:<{width}}  {configs.summary(file.read_text())}")
+    return 0
 
 
 def cmd_demo(args) -> int:
     from dinotron.train.demo import run_demo
 
-    result = run_demo(args.config, args.out, args.overrides, resume=args.resume)
+    with _config_file(args) as path:
+        result = run_demo(path, args.out, args.overrides, resume=args.resume)
     if result.get("interrupted"):
         log.info(f"[demo] stopped after step {result['steps']} of {result['of_steps']}, checkpoint saved; "
                  f"resume with: {_resume_command(args)}")
@@ -174,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="images over this many pixels are bad (default: data.max_image_pixels' default, PIL's limit)")
     p.set_defaults(func=cmd_check_shards)
-    p = sub.add_parser("train", help="train DINOv2 from a YAML config with key=value overrides")
-    p.add_argument("--config", help="YAML config (configs/*.yaml); defaults are dinov2's ViT-S/14 recipe")
+    p = sub.add_parser("train", help="train DINOv2 from a YAML config or a preset, with key=value overrides")
+    _add_config_source(p, None, "dinov2's ViT-S/14 recipe (the config's defaults)")
     run = p.add_mutually_exclusive_group()  # without either, a train.output_dir holding checkpoints is refused
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     run.add_argument("--overwrite", action="store_true",
@@ -202,17 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="generate textures, shard, train a small ViT on CPU, compare k-NN with random init")
-    p.add_argument("--config", default="configs/demo.yaml")
+    _add_config_source(p, "demo", "--preset demo")
     p.add_argument("--out", default="runs/demo", help="output folder (replaced, unless --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue the demo in --out stopped by SIGTERM / SIGINT (from scratch if it has no checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="run benchmarks/bench_NAME.py from a checkout")
-    p.add_argument("name", help="losses, koleo, attention or pipeline")
+    p = sub.add_parser("bench", help="run benchmarks/bench_NAME.py (needs a checkout: not in the installed package)")
+    p.add_argument("name", help="NAME of benchmarks/bench_NAME.py: losses, koleo, attention, pipeline, ...")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("presets", help="list the configs shipped with dinotron (train/demo --preset NAME)")
+    p.add_argument("--show", metavar="NAME", help="print preset NAME's YAML, a starting file for --config")
+    p.set_defaults(func=cmd_presets)
     return parser
 
 

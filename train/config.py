@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from dinotron.pipeline import MultiCropConfig
+from dinotron.pipeline.multires import ResolutionPhase, check_schedule
 from dinotron.pipeline.shards import MAX_IMAGE_PIXELS
 
 
@@ -35,6 +36,9 @@ class ModelConfig:
     attention: Literal["timm", "dinotron"] = "timm"  # "dinotron": our Triton attention inside timm
     pack_crops: bool = False  # run global and local crops through the blocks in one varlen pass
     compile: bool = False  # torch.compile the backbones
+    # The heads' prototype layers fused into the DINO / iBOT losses (kernels.fused_head_*): no rows x K logits or
+    # logit gradients on the student side; false: the heads' logits, then the loss kernels (same numbers).
+    fused_head: bool = True
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     # Start student and teacher backbones from these weights (heads start fresh): a `dinotron export` folder or timm
     # local-dir, a .safetensors/.pth file, or a timm pretrained name (from timm's cache); None: random init.
@@ -120,8 +124,13 @@ class DataConfig:
     shuffle_buffer: int = 10_000  # samples per shuffle window of read_order=sequential
     read_ahead: int = 2  # batches the background feeder reads beyond the loader's own prefetch
     read_threads: int = 2  # the background feeder's threads (sample reads, index parsing, header checks)
+    # DINOv3's high-resolution adaptation: crop sizes by optimiser step, phases [{from_step, global_crops_size,
+    # local_crops_size, global_local_crop_pairs_ratios}] (pipeline/multires.py); each step draws one (global, local)
+    # pair of its phase from (seed, step), the same on every rank. Empty: augment's sizes throughout.
+    resolution_schedule: list[ResolutionPhase] = field(default_factory=list)
 
     def __post_init__(self):
+        check_schedule(self.resolution_schedule)
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if not 1 <= self.max_image_pixels <= MAX_IMAGE_PIXELS:
@@ -142,6 +151,21 @@ class EvalConfig:
     image_size: int = 224
     resize_size: int = 256
     batch_size: int = 256
+    # Linear probe (`dinotron eval-linear`, dinov2's eval/linear.py) on the knn_*_shards' frozen features: one head per
+    # (learning rate, cls or cls + patch mean). dinov2's grid, per 256 samples (scaled by linear_batch_size / 256).
+    linear_learning_rates: list[float] = field(
+        default_factory=lambda: [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1])
+    linear_epochs: int = 10  # of linear_epoch_length iterations, as dinov2 (10 x 1250)
+    linear_epoch_length: int = 1250
+    linear_batch_size: int = 1024  # in all (one process trains on every rank's features): dinov2's 128 x 8 GPUs
+
+    def __post_init__(self):
+        lrs = self.linear_learning_rates
+        if not lrs or not all(0 < lr < float("inf") for lr in lrs) or len(set(lrs)) != len(lrs):
+            raise ValueError(f"linear_learning_rates must be distinct positive numbers, at least one, got {lrs}")
+        for key in ("linear_epochs", "linear_epoch_length", "linear_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -169,6 +193,35 @@ class TrainConfig:
     def __post_init__(self):
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclass
+class GramConfig:
+    """DINOv3's Gram anchoring (its ssl_default_config.yaml `gram:` block; names as there, `enabled` for its
+    use_loss): the image-level Gram matrices of the student's L2-normalised patch features held to those of a Gram
+    teacher, a snapshot of the EMA teacher's backbone loaded at step it_load_ema_teacher (the loss runs from then)
+    and, with rep_update, reloaded before every step that is a multiple of update_frequency from it_first_update
+    on, at most max_updates times. Departure: the Gram teacher sees the student's global crops (dinov3 gives it
+    larger undistorted crops and resizes its patch features)."""
+
+    enabled: bool = False
+    loss_weight: float = 1.0
+    it_load_ema_teacher: int = 0
+    rep_update: bool = True
+    update_frequency: int = 10000  # dinov3's ViT-7B Gram phase
+    it_first_update: int = 0
+    max_updates: int | None = None  # None: unlimited
+    normalized: bool = True  # L2-normalise the patch features first (dinov3's apply_norm)
+    img_level: bool = True  # a Gram matrix per image (dinov3's Gram phase); False: one over the batch's patches
+    remove_neg: bool = False  # clip negative similarities of both (dinov3's remove_neg)
+    remove_only_teacher_neg: bool = False  # clip the teacher's only
+
+    def __post_init__(self):
+        if self.update_frequency < 1 or self.it_load_ema_teacher < 0 or self.it_first_update < 0:
+            raise ValueError("gram.update_frequency must be >= 1, gram.it_load_ema_teacher and gram.it_first_update "
+                             f">= 0, got {self.update_frequency}, {self.it_load_ema_teacher}, {self.it_first_update}")
+        if self.remove_neg and self.remove_only_teacher_neg:
+            raise ValueError("gram.remove_neg and gram.remove_only_teacher_neg exclude each other (dinov3's GramLoss)")
 
 
 @dataclass
@@ -203,6 +256,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
 
     def __post_init__(self):
         o = self.optim

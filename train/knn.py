@@ -1,4 +1,5 @@
-"""Weighted k-NN classification on frozen cls features (DINO / dinov2's k-NN evaluation)."""
+"""Frozen features of labelled images (k-NN and linear-probe evaluation), and weighted k-NN classification on
+them (DINO / dinov2's k-NN evaluation)."""
 from __future__ import annotations
 
 from collections.abc import Sized
@@ -10,12 +11,14 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def extract_features(backbone, batches: Sized, device: torch.device, autocast_dtype: torch.dtype | None = None, *,
-                     image_size: int = 224):
-    """L2-normalised cls features and labels of every batch, gathered from all ranks.
+                     image_size: int = 224, normalize: bool = True, patch_mean: bool = False):
+    """Cls features (L2-normalised unless `normalize` is False) and labels of every batch, gathered from all ranks.
 
-    backbone: callable images -> object with `.cls` (B, C); batches: a loader or list (len() is read first).
-    Returns ((N, C) float32, (N,) int64) on `device`. With torch.distributed, every rank calls the backbone
-    equally often (a sharded backbone gathers its parameters in each call): the batch counts are agreed
+    backbone: callable images -> object with `.cls` (B, C) and, for `patch_mean`, `.patches` (B, N, C); batches: a
+    loader or list (len() is read first). Returns ((N, C) float32, (N,) int64) on `device`; with `patch_mean`, the
+    features are [cls | mean of the patch tokens], (N, 2C), as dinov2's linear probe with use_avgpool (normalised
+    as one vector when `normalize`; the mean is taken in fp32). With torch.distributed, every rank calls the
+    backbone equally often (a sharded backbone gathers its parameters in each call): the batch counts are agreed
     first, and a rank with fewer batches runs the difference on a throwaway image (its first, or zeros of
     `image_size`); "no images" is decided over all ranks.
     """
@@ -28,17 +31,18 @@ def extract_features(backbone, batches: Sized, device: torch.device, autocast_dt
     feats, labels, spare, width = [], [], None, None
     for batch in batches:
         if batch.get("labels") is None:
-            raise ValueError("k-NN evaluation needs labelled shards (<key>.cls in every sample)")
+            raise ValueError("k-NN and linear evaluation need labelled shards (<key>.cls in every sample)")
         images = batch["images"].to(device, non_blocking=True)
         spare = images[:1] if spare is None else spare
-        feats.append(F.normalize(_cls(backbone, images, device, autocast_dtype).float(), dim=-1))
+        f = _features(backbone, images, device, autocast_dtype, patch_mean).float()
+        feats.append(F.normalize(f, dim=-1) if normalize else f)
         labels.append(batch["labels"].to(device).long())
         width = feats[-1].shape[1]
     spare = spare if spare is not None else torch.zeros(1, 3, image_size, image_size, device=device)
     for _ in range(calls - len(feats)):
-        width = _cls(backbone, spare, device, autocast_dtype).shape[1]
+        width = _features(backbone, spare, device, autocast_dtype, patch_mean).shape[1]
     if calls == 0:
-        raise ValueError("k-NN evaluation got no images")
+        raise ValueError("k-NN / linear evaluation got no images")
     feats = torch.cat(feats) if feats else torch.zeros(0, width, device=device)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     if distributed:
@@ -46,9 +50,12 @@ def extract_features(backbone, batches: Sized, device: torch.device, autocast_dt
     return feats, labels
 
 
-def _cls(backbone, images: torch.Tensor, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+def _features(backbone, images: torch.Tensor, device: torch.device, autocast_dtype: torch.dtype | None,
+              patch_mean: bool) -> torch.Tensor:
+    """(B, C) cls tokens, or (B, 2C) [cls | mean over the patch tokens] with `patch_mean`."""
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        return backbone(images).cls
+        out = backbone(images)
+        return torch.cat([out.cls.float(), out.patches.float().mean(dim=1)], dim=-1) if patch_mean else out.cls
 
 
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from dinotron.pipeline.multires import MultiResolutionLoader, check_patch_multiples
 from dinotron.train import checkpoint as ckpt
-from dinotron.train.config import Config, from_dict, to_dict
+from dinotron.train.config import Config, ConfigError, from_dict, to_dict
 from dinotron.train.errors import USER_ERRORS, ConfigChanged, DataError, OutputDirInUse
 from dinotron.train.knn import extract_features, knn_classify
 from dinotron.train.masking import BlockMaskGenerator, masked_patch_indices, sample_masks_for_rank
@@ -44,6 +46,19 @@ def build_grad_scaler(autocast_dtype: torch.dtype | None, parallel: str, device_
     sync per step) unless the optimiser is fused (AdamW on CUDA without FSDP2)."""
     scaler = ShardedGradScaler if parallel == "fsdp2" else torch.amp.GradScaler
     return scaler(device_type, enabled=fp16_in_graph(autocast_dtype))
+
+
+def gram_load_due(g, step: int) -> bool:
+    """Whether the Gram teacher is (re)loaded from the EMA teacher before `step` (gram = cfg.gram): at
+    it_load_ema_teacher, then with rep_update before every step s >= it_first_update with s % update_frequency == 0
+    (dinov3's train loop updates after iteration it where (it + 1) does), the first max_updates of those. A function
+    of the step alone, so a resumed run reloads where the uninterrupted one would (the snapshot is checkpointed)."""
+    if step == g.it_load_ema_teacher:
+        return True
+    if not g.rep_update or step < max(g.it_first_update, 1) or step % g.update_frequency:
+        return False
+    first = -(-max(g.it_first_update, 1) // g.update_frequency) * g.update_frequency  # first multiple >= it_first
+    return g.max_updates is None or (step - first) // g.update_frequency < g.max_updates
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,19 +84,20 @@ def _build_loader(loader_cls, *args, **kwargs):
 
 def build_train_loader(cfg: Config, rank: int, world: int):
     """The multi-crop loader data.loader names, never another: MultiCropLoader ("dali", on data.device; raises
-    DaliNotInstalledError where DALI is missing) or TorchvisionMultiCropLoader ("torchvision"). Logs its backend."""
+    DaliNotInstalledError where DALI is missing) or TorchvisionMultiCropLoader ("torchvision"); with
+    data.resolution_schedule, a MultiResolutionLoader of one such loader per (global, local) crop-size pair, the
+    micro-batches of a step (train.grad_accum_steps) of one pair. Logs its backend."""
     from dinotron.pipeline import MultiCropLoader, TorchvisionMultiCropLoader
 
     if not cfg.data.train_shards:
         raise ValueError("data.train_shards is empty: give shard paths or brace patterns")
     loader_cls = MultiCropLoader if cfg.data.loader == "dali" else TorchvisionMultiCropLoader
-    loader = _build_loader(
+    make_loader = partial(  # of keyword arguments augment and seed
+        _build_loader,
         loader_cls,
         cfg.data.train_shards,
         cfg.data.batch_size_per_gpu,
         device=cfg.data.device,
-        augment=cfg.data.augment,
-        seed=cfg.train.seed,
         shard_id=rank,
         num_shards=world,
         num_threads=cfg.data.num_threads,
@@ -93,6 +109,11 @@ def build_train_loader(cfg: Config, rank: int, world: int):
         read_ahead=cfg.data.read_ahead,
         read_threads=cfg.data.read_threads,
     )
+    if cfg.data.resolution_schedule:
+        loader = MultiResolutionLoader(cfg.data.resolution_schedule, make_loader, cfg.data.augment, seed=cfg.train.seed,
+                                       micro_batches=cfg.train.grad_accum_steps)
+    else:
+        loader = make_loader(augment=cfg.data.augment, seed=cfg.train.seed)
     log.info(f"train loader: {loader.backend} ({type(loader).__name__}, {len(loader)} batches per epoch per rank)")
     return loader
 
@@ -273,9 +294,11 @@ class Trainer:
         self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self.autocast_dtype = _DTYPES[cfg.train.precision] if self.device.type == "cuda" else None
         self.scaler = build_grad_scaler(self.autocast_dtype, self.parallel)  # loss scaling wherever fp16 runs
-        aug = cfg.data.augment
-        grid = aug.global_size // self.model.patch_size
-        self.mask_generator = BlockMaskGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
+        try:  # the schedule's crop sides against the patch size, known from the model
+            check_patch_multiples(cfg.data.resolution_schedule, self.model.patch_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self._mask_generators: dict[tuple[int, int], BlockMaskGenerator] = {}  # by patch grid (_mask_generator)
         self.step = 0
         self._timed_from: torch.cuda.Event | float | None = None  # the next step's time counts from here
         self.collapse = CollapseWatch(cfg.train.collapse_patience)
@@ -423,12 +446,16 @@ class Trainer:
         timed_from = _stamp(self.device) if self._timed_from is None else self._timed_from
         sched = self.schedules.at(self.step)
         apply_schedules(self.optimizer, sched["lr"], sched["last_layer_lr"], sched["wd"])
+        if cfg.gram.enabled:
+            if gram_load_due(cfg.gram, self.step):
+                self.model.refresh_gram_teacher()
+            self.model.gram_active = self.step >= cfg.gram.it_load_ema_teacher
         n_global, n_micro = cfg.data.augment.n_global, len(micro_batches)
         B = micro_batches[0]["global_crops"].shape[0] // n_global
         masks = sample_masks_for_rank(  # keyed by (seed, step, global image), so the same for any world size
             self.step,
             cfg.train.seed,
-            self.mask_generator,
+            self._mask_generator(micro_batches),
             n_global,
             B * n_micro,  # micro-batch k holds rows [k * B, (k + 1) * B) of every view
             self.rank,
@@ -484,6 +511,17 @@ class Trainer:
             self.model.update_teacher(sched["momentum"])
         self.step += 1
         return metrics
+
+    def _mask_generator(self, micro_batches: tuple[dict, ...]) -> BlockMaskGenerator:
+        """dinov2's iBOT mask generator (rectangles of up to half the patches) for the patch grid of the step's global
+        crops, made once per grid: data.resolution_schedule changes the crop size between steps, never within one."""
+        sizes = {tuple(batch["global_crops"].shape[-2:]) for batch in micro_batches}
+        if len(sizes) > 1:
+            raise ValueError(f"the micro-batches of a step must have one global crop size, got {sorted(sizes)}")
+        h, w = (side // self.model.patch_size for side in sizes.pop())
+        if (h, w) not in self._mask_generators:
+            self._mask_generators[h, w] = BlockMaskGenerator((h, w), max_num_patches=0.5 * h * w)
+        return self._mask_generators[h, w]
 
     def _gradient_sync(self, enabled: bool):
         """A context in which backward reduces gradients across ranks only if `enabled` (accumulation)."""

@@ -26,7 +26,7 @@ from torch.profiler import record_function
 from dinotron import kernels
 from dinotron.train.config import Config, HeadConfig, ModelConfig
 from dinotron.train.masking import masked_patch_indices
-from dinotron.train.parallel import local_tensors
+from dinotron.train.parallel import full_tensor, local_tensors
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -68,17 +68,37 @@ class DINOHead(nn.Module):
         self.last_layer = weight_norm(nn.Linear(cfg.bottleneck_dim, cfg.n_prototypes, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False):
+        """Logits (N, K) in x's dtype; fused: (the L2-normalised bottleneck (N, D), the prototypes (K, D)), for the
+        losses that apply the prototype layer themselves (kernels.fused_head_dino_loss / fused_head_ibot_loss). The
+        prototypes are read here, inside forward, where FSDP2 has gathered them."""
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
         device = x.device.type
         if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
             # The logits are cosines, divided by temperatures down to 0.04: bf16's 2^-8 steps near 1 would
             # become 0.1 in the softmax; fp16 has 8x finer ones (dinov2 runs its heads in fp16). fp16 in the graph
-            # means loss scaling under bf16 too (fp16_in_graph, docs/training.md: Precision).
+            # means loss scaling under bf16 too (fp16_in_graph, docs/training.md: Precision). The fused losses
+            # multiply in the features' dtype: fp16 as well.
+            if fused:
+                return x.to(torch.float16), self.last_layer.weight
             with torch.autocast(device, dtype=torch.float16):
                 return self.last_layer(x)
+        if fused:
+            return x, self.last_layer.weight
         return self.last_layer(x)
+
+
+class HeadOutputs(NamedTuple):
+    """MultiCropModel's forward. cls / patches are logits, or with fused heads the L2-normalised bottlenecks whose
+    prototypes (K, D) come beside them (None otherwise)."""
+
+    global_cls: torch.Tensor  # (n_global*B, C) backbone cls tokens of the global crops
+    global_patches: torch.Tensor  # (n_global*B, N, C) their patch tokens
+    cls: torch.Tensor  # DINO head of every crop's cls token (global then local)
+    patches: torch.Tensor  # iBOT head of the M masked global patches, in masks' row-major order
+    dino_prototypes: torch.Tensor | None = None
+    ibot_prototypes: torch.Tensor | None = None
 
 
 class BackboneOutput(NamedTuple):
@@ -289,21 +309,24 @@ class MultiCropModel(nn.ModuleDict):
     """A backbone with its heads ("backbone", "dino_head", optional "ibot_head"), run in one forward call
     so that DDP and FSDP2 (whose hooks sit on this module's call) see one forward per step."""
 
-    def heads(self, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """DINO logits of cls tokens, iBOT logits of patch tokens (one head call when shared)."""
+    def heads(self, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor, fused: bool = False) -> tuple:
+        """(DINO head of cls tokens, iBOT head of patch tokens, DINO prototypes, iBOT prototypes): logits and None,
+        or fused the bottlenecks and the prototypes (DINOHead.forward). One head call when shared."""
         if "ibot_head" in self:
-            return self.dino_head(cls_tokens), self.ibot_head(patch_tokens)
-        out = self.dino_head(torch.cat([cls_tokens, patch_tokens]))
-        return out[: cls_tokens.shape[0]], out[cls_tokens.shape[0] :]
+            dino, ibot = self.dino_head(cls_tokens, fused), self.ibot_head(patch_tokens, fused)
+            return (dino[0], ibot[0], dino[1], ibot[1]) if fused else (dino, ibot, None, None)
+        out = self.dino_head(torch.cat([cls_tokens, patch_tokens]), fused)
+        rows, prototypes = (out[0], out[1]) if fused else (out, None)
+        return rows[: cls_tokens.shape[0]], rows[cls_tokens.shape[0] :], prototypes, prototypes
 
     def forward(self, global_crops: torch.Tensor, masks: torch.Tensor, mask_indices: torch.Tensor,
-                local_crops: torch.Tensor | None = None, *, mask_input: bool = True,
-                pack: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                local_crops: torch.Tensor | None = None, *, mask_input: bool = True, pack: bool = False,
+                fused: bool = False) -> HeadOutputs:
         """global_crops (n_global*B, 3, G, G), masks (n_global*B, (G/p)^2) bool, mask_indices (M,) int64 their
         masked_patch_indices, local_crops (n_local*B, 3, L, L) or None. The masked patch embeddings are replaced by
-        the mask token when mask_input (the student). Returns (cls tokens of the global crops, DINO logits of every
-        crop's cls token (global then local), iBOT logits of the M masked global patches, in masks' row-major
-        order). No host sync: the patches are picked by index_select, not by boolean indexing (nonzero)."""
+        the mask token when mask_input (the student). Returns HeadOutputs: logits, or with `fused` the heads'
+        bottlenecks and prototypes. No host sync: the patches are picked by index_select, not by boolean indexing
+        (nonzero)."""
         backbone = self.backbone
         input_masks = masks if mask_input else None
         with record_function("dinotron/backbone"):
@@ -314,8 +337,8 @@ class MultiCropModel(nn.ModuleDict):
                 local = backbone(local_crops) if local_crops is not None else None
         with record_function("dinotron/heads"):
             cls_tokens = g.cls if local is None else torch.cat([g.cls, local.cls])
-            cls_logits, patch_logits = self.heads(cls_tokens, g.patches.flatten(0, 1).index_select(0, mask_indices))
-        return g.cls, cls_logits, patch_logits
+            heads = self.heads(cls_tokens, g.patches.flatten(0, 1).index_select(0, mask_indices), fused)
+        return HeadOutputs(g.cls, g.patches, *heads)
 
 
 def build_multicrop(cfg: Config, drop_path_rate: float) -> MultiCropModel:
@@ -362,6 +385,10 @@ class DinoV2(nn.Module):
         super().__init__()
         self.cfg = cfg
         mc = cfg.model
+        widest = max(cfg.dino.head.bottleneck_dim, cfg.ibot.head.bottleneck_dim if cfg.ibot.separate_head else 0)
+        if mc.fused_head and widest > kernels.fused_head.MAX_D:
+            raise ValueError(f"model.fused_head takes head bottlenecks up to {kernels.fused_head.MAX_D} wide, got "
+                             f"{widest}: set model.fused_head=false")
         self.student = build_multicrop(cfg, mc.drop_path_rate)
         if mc.pretrained:  # student and teacher start from it (the teacher is the student's copy)
             load_pretrained(self.student.backbone, mc.pretrained, mc.arch)
@@ -386,6 +413,9 @@ class DinoV2(nn.Module):
             block.drop_path2 = nn.Identity()
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        if cfg.gram.enabled:  # loaded from the EMA teacher by refresh_gram_teacher at the steps gram.* says
+            self.gram_teacher = copy.deepcopy(self.teacher.backbone)
+        self.gram_active = False  # set by the trainer from gram.it_load_ema_teacher
         if mc.attention == "dinotron":
             kernels.swap_timm_attention(self.student.backbone.vit)
             kernels.swap_timm_attention(self.teacher.backbone.vit)
@@ -409,7 +439,16 @@ class DinoV2(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
+        if self.cfg.gram.enabled:
+            self.gram_teacher.eval()
         return self
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """Gram teacher = the EMA teacher's backbone (dinov3's gram_load_ema_teacher / update_gram). Under FSDP2 the
+        teacher's shards are gathered: a collective, so every rank calls it at the same step (the trainer does)."""
+        for mine, teacher in zip(self.gram_teacher.parameters(), self.teacher.backbone.parameters(), strict=True):
+            mine.copy_(full_tensor(teacher))
 
     @property
     def student_forward(self) -> nn.Module:
@@ -425,14 +464,28 @@ class DinoV2(nn.Module):
     def teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor, mask_indices: torch.Tensor,
                         teacher_temp: float) -> dict:
         """Teacher probabilities for the student's DINO (cls) and iBOT (masked patch) targets: {"cls_probs",
-        "patch_probs"}; masks and mask_indices as in forward. Updates the softmax centres.
+        "patch_probs"}; masks and mask_indices as in forward. Updates the softmax centres. With model.fused_head the
+        targets are made inside the student's fused losses: {"cls_features", "patch_features", "dino_prototypes",
+        "ibot_prototypes", "teacher_temp", "dino_center", "ibot_center"} (the teacher heads' bottlenecks and
+        prototypes, the centres the targets use), and "cls_probs" for the collapse indicators only (its DINO targets,
+        (n_global*B, K): the teacher side may hold them); the fused losses then set the centres.
 
         The centring ops run on every rank every step, with zero masked patches too: they all-reduce
         (centre sums, Sinkhorn's column sums), so a rank that skipped them would leave the others in a
         mismatched collective. A rank without masked patches contributes zeros; with none anywhere the
         iBOT centre stays as it was."""
-        _, cls_logits, patch_logits = self.teacher(global_crops, masks, mask_indices, mask_input=False)
         tc = self.cfg.teacher
+        if self.cfg.model.fused_head:
+            out = self.teacher(global_crops, masks, mask_indices, mask_input=False, fused=True)
+            logits = F.linear(out.cls, out.dino_prototypes.to(out.cls.dtype))
+            cls_probs = (kernels.softmax_center_teacher(logits, self.dino_center, teacher_temp) if
+                         tc.centering == "softmax" else
+                         kernels.sinkhorn_knopp_teacher(logits, teacher_temp, tc.sinkhorn_iterations))
+            return {"cls_features": out.cls, "patch_features": out.patches, "dino_prototypes": out.dino_prototypes,
+                    "ibot_prototypes": out.ibot_prototypes, "teacher_temp": teacher_temp, "cls_probs": cls_probs,
+                    "dino_center": self.dino_center.clone(), "ibot_center": self.ibot_center.clone()}
+        out = self.teacher(global_crops, masks, mask_indices, mask_input=False)
+        cls_logits, patch_logits = out.cls, out.patches
         if tc.centering == "softmax":  # targets use the previous centre, then the centre takes this batch in
             cls_probs, center = kernels.softmax_center_and_update_teacher(
                 cls_logits, self.dino_center, teacher_temp, tc.center_momentum, check_finite=False
@@ -471,44 +524,71 @@ class DinoV2(nn.Module):
         so torch.compile captures it as one graph (tests/test_compile.py).
         """
         cfg = self.cfg
-        n_global = cfg.data.augment.n_global
         has_local = local_crops is not None and local_crops.shape[0] > 0
-        global_cls, cls_logits, patch_logits = self.student_forward(
-            global_crops, masks, mask_indices, local_crops if has_local else None, pack=cfg.model.pack_crops
-        )
-
+        out = self.student_forward(global_crops, masks, mask_indices, local_crops if has_local else None,
+                                   pack=cfg.model.pack_crops, fused=cfg.model.fused_head)
         with record_function("dinotron/losses"):
-            losses = self._losses(global_crops.shape[0] // n_global, global_cls, cls_logits, patch_logits, masks,
-                                  targets)
-        return {**losses, **collapse_indicators(targets["cls_probs"], global_cls)}
+            B = global_crops.shape[0] // cfg.data.augment.n_global
+            dino, ibot = (self._fused_losses if cfg.model.fused_head else self._losses)(B, out, masks, targets)
+            koleo = self._koleo(out.global_cls)
+            total = cfg.dino.loss_weight * dino + cfg.dino.koleo_loss_weight * koleo + cfg.ibot.loss_weight * ibot
+            losses = {"dino_loss": dino, "koleo_loss": koleo, "ibot_loss": ibot}
+            if cfg.gram.enabled:  # 0 until the Gram teacher is loaded
+                losses["gram_loss"] = self._gram(global_crops, out.global_patches) if self.gram_active else \
+                    total.new_zeros(())
+                total = total + cfg.gram.loss_weight * losses["gram_loss"]
+        return {"loss": total, **losses, **collapse_indicators(targets["cls_probs"], out.global_cls)}
 
-    def _losses(self, B: int, global_cls: torch.Tensor, cls_logits: torch.Tensor, patch_logits: torch.Tensor,
-                masks: torch.Tensor, targets: dict) -> dict:
-        """{"loss", "dino_loss", "koleo_loss", "ibot_loss"} of the student's outputs against the teacher's targets."""
+    def _gram(self, global_crops: torch.Tensor, student_patches: torch.Tensor) -> torch.Tensor:
+        """dinov3's Gram loss of the student's global-crop patch features (from its forward, masked input as in
+        dinov3) against the Gram teacher's on the same crops."""
+        g = self.cfg.gram
+        with torch.no_grad():
+            teacher_patches = self.gram_teacher(global_crops).patches
+        return kernels.gram_loss(student_patches, teacher_patches, normalize=g.normalized, remove_neg=g.remove_neg,
+                                 remove_only_teacher_neg=g.remove_only_teacher_neg, img_level=g.img_level)
+
+    def _losses(self, B: int, out: HeadOutputs, masks: torch.Tensor, targets: dict) -> tuple[torch.Tensor, ...]:
+        """(DINO, iBOT) losses of the student's logits against the teacher's probabilities."""
         cfg = self.cfg
-        n_global = cfg.data.augment.n_global
-        n_views = cls_logits.shape[0] // B
-        student_views = cls_logits.unflatten(0, (n_views, -1))
-        teacher_views = targets["cls_probs"].unflatten(0, (n_global, -1))
+        student_views = out.cls.unflatten(0, (out.cls.shape[0] // B, -1))
+        teacher_views = targets["cls_probs"].unflatten(0, (cfg.data.augment.n_global, -1))
         # lightly's pairing, the mean over the pairs of different crops: dinov2's two dino_loss calls and their scales
         dino = kernels.dino_loss(student_views, teacher_views, student_temp=cfg.dino.student_temp,
                                  ignore_diagonal=True, reduction="mean")
-        if cfg.dino.koleo_loss_weight > 0:  # as dinov2's do_koleo
-            group = dist.group.WORLD if cfg.dino.koleo_all_ranks and dist.is_initialized() else None
-            koleo = sum(kernels.koleo_loss(c.float(), group=group, check_finite=False)
-                        for c in global_cls.chunk(n_global))
-        else:
-            koleo = global_cls.new_zeros((), dtype=torch.float32)
         # no masked patch: 0, with a zero gradient that still reaches the iBOT head (every rank's
         # parameters get a gradient, so the gradient all-reduce sees the same tensors on every rank)
-        ibot = kernels.ibot_patch_loss(patch_logits, targets["patch_probs"], masks, student_temp=cfg.dino.student_temp)
-        total = cfg.dino.loss_weight * dino + cfg.dino.koleo_loss_weight * koleo + cfg.ibot.loss_weight * ibot
-        return {
-            "loss": total,
-            "dino_loss": dino,
-            "koleo_loss": koleo,
-            "ibot_loss": ibot,
-        }
+        ibot = kernels.ibot_patch_loss(out.patches, targets["patch_probs"], masks, student_temp=cfg.dino.student_temp)
+        return dino, ibot
+
+    def _fused_losses(self, B: int, out: HeadOutputs, masks: torch.Tensor, targets: dict) -> tuple[torch.Tensor, ...]:
+        """(DINO, iBOT) losses with the prototype layers fused in (no rows x K logits); sets the centres to the
+        targets' centres updated with this batch (so a second call with the same targets gives the same)."""
+        cfg, tc = self.cfg, self.cfg.teacher
+        options = dict(teacher_temp=targets["teacher_temp"], student_temp=cfg.dino.student_temp,
+                       center_momentum=tc.center_momentum, centering=tc.centering,
+                       sinkhorn_iterations=tc.sinkhorn_iterations)
+        dino, dino_center = kernels.fused_head_dino_loss(
+            out.cls.unflatten(0, (out.cls.shape[0] // B, -1)),
+            targets["cls_features"].unflatten(0, (cfg.data.augment.n_global, -1)), out.dino_prototypes,
+            targets["dino_prototypes"], targets["dino_center"], ignore_diagonal=True, reduction="mean", **options)
+        ibot, ibot_center = kernels.fused_head_ibot_loss(
+            out.patches, targets["patch_features"], out.ibot_prototypes, targets["ibot_prototypes"], masks,
+            center=targets["ibot_center"], **options)
+        if tc.centering == "softmax":  # the targets used the previous centres; the centres take this batch in
+            with torch.no_grad():
+                self.dino_center.copy_(dino_center)
+                self.ibot_center.copy_(ibot_center)
+        return dino, ibot
+
+    def _koleo(self, global_cls: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        n_global = cfg.data.augment.n_global
+        if cfg.dino.koleo_loss_weight > 0:  # as dinov2's do_koleo
+            group = dist.group.WORLD if cfg.dino.koleo_all_ranks and dist.is_initialized() else None
+            return sum(kernels.koleo_loss(c.float(), group=group, check_finite=False)
+                       for c in global_cls.chunk(n_global))
+        return global_cls.new_zeros((), dtype=torch.float32)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
