@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test test-gpu lint demo clean
+.PHONY: test test-gpu lint demo clean gpu-wheels gpu-proof
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,18 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/dinotron demo --config configs/demo.yaml --out runs/demo
+
+# The bare GPU machine (README "Benchmarks on a GPU") lacks pytest, hypothesis, lightly (the tests' oracles) and a few
+# pure-Python train dependencies: `make gpu-wheels` downloads them here for Python 3.12 into .gpuwheels/ (ignored).
+GPU_WHEELS = pytest==8.4.2 pluggy iniconfig packaging pygments hypothesis==6.170.17 sortedcontainers lightly==1.6.0 \
+             tqdm pyyaml braceexpand
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		-d .gpuwheels $(GPU_WHEELS)
+
+# On the GPU machine, with its own python3 and torch (no venv): every GPU test and benchmark, <= 8 minutes.
+gpu-proof:
+	$(PYTHON) benchmarks/gpu_proof.py --out $(or $(OUT),gpu-proof)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -398,3 +398,8 @@ def test_demo_stopped_by_sigterm_exits_0_and_its_resume_command_finishes_it(tmp_
     assert final["knn_top1_random_init"] == round(json.loads((out / demo.RANDOM_INIT).read_text())["top1"], 2)
     assert metric_steps(out / "train") == [1, 2, 3, 4, 5, 6], "every step once: the resume continued at 5"
     assert [p.name for p in ckpt.list_checkpoints(out / "train")] == ["checkpoint-00000004", "checkpoint-00000006"]
+    # the finished run evaluates from the command line too (its config names the labelled shards)
+    assert cli.main(["eval-linear", "--run", str(out / "train"), "evaluation.linear_epochs=1",
+                     "evaluation.linear_epoch_length=3", "evaluation.linear_batch_size=8"]) == 0
+    linear = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert linear["checkpoint"].endswith("checkpoint-00000006") and 0.0 <= linear["top1"] <= linear["top5"] <= 100.0

@@ -116,24 +116,38 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval_knn(args) -> int:
+def _evaluate(args, evaluate) -> int:
+    """eval-knn / eval-linear: the checkpoint's config with the labelled shards of the command line, checked before
+    the model is loaded; prints evaluate(model, cfg, device) as one JSON line."""
     from dinotron.train.errors import DataError
-    from dinotron.train.loop import check_data_device, check_knn_shards, evaluate_knn
+    from dinotron.train.loop import check_data_device, check_knn_shards
 
     cfg, path = _run_config(args)
     ev = cfg.evaluation
     ev.knn_train_shards = args.train_shards or ev.knn_train_shards
     ev.knn_val_shards = args.val_shards or ev.knn_val_shards
-    ev.k, ev.temperature = args.k, args.temperature
     if not ev.knn_train_shards or not ev.knn_val_shards:
         raise DataError("give --train-shards and --val-shards (or set evaluation.knn_*_shards)")
     check_data_device(cfg)  # the checkpoint's data.device; data.device=cpu overrides it
     check_knn_shards("--train-shards", ev.knn_train_shards)
     check_knn_shards("--val-shards", ev.knn_val_shards)
     model = _load_model(cfg, path, args.random_init)
-    result = evaluate_knn(model, cfg, next(model.parameters()).device)
+    result = evaluate(model, cfg, next(model.parameters()).device)
     print(json.dumps({"checkpoint": str(path), "random_init": args.random_init, **result}))
     return 0
+
+
+def cmd_eval_knn(args) -> int:
+    from dinotron.train.loop import evaluate_knn
+
+    args.overrides += [f"evaluation.k={args.k}", f"evaluation.temperature={args.temperature}"]
+    return _evaluate(args, evaluate_knn)
+
+
+def cmd_eval_linear(args) -> int:
+    from dinotron.train.linear import evaluate_linear
+
+    return _evaluate(args, evaluate_linear)
 
 
 def cmd_export(args) -> int:
@@ -235,15 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval-knn", help="weighted k-NN accuracy of a checkpoint's teacher on labelled shards")
-    _add_source(p)
-    p.add_argument("--train-shards", nargs="+", help="memory bank shards (default: evaluation.knn_train_shards)")
-    p.add_argument("--val-shards", nargs="+", help="query shards (default: evaluation.knn_val_shards)")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--random-init", action="store_true", help="the same architecture with random weights (baseline)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=cmd_eval_knn)
+    for name, func, help_ in (
+        ("eval-knn", cmd_eval_knn, "weighted k-NN accuracy of a checkpoint's evaluated model on labelled shards"),
+        ("eval-linear", cmd_eval_linear, "linear-probe top-1/top-5 (dinov2's eval/linear.py sweep) of a checkpoint's "
+                                         "evaluated model on labelled shards; evaluation.linear_* set the sweep"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        _add_source(p)
+        p.add_argument("--train-shards", nargs="+", help="labelled train shards (default: evaluation.knn_train_shards)")
+        p.add_argument("--val-shards", nargs="+", help="labelled val shards (default: evaluation.knn_val_shards)")
+        if name == "eval-knn":
+            p.add_argument("--k", type=int, default=20)
+            p.add_argument("--temperature", type=float, default=0.07)
+        p.add_argument("--random-init", action="store_true", help="the same architecture with random weights")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="teacher backbone -> safetensors + timm config.json")
     _add_source(p)
