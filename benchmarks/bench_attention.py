@@ -6,11 +6,13 @@ math backends), torch.compile of the plain math, and xformers, on DINOv2's ViT s
 
 GPU cases (q, k, v as timm makes them: views into one (B, N, 3, H, D) qkv tensor):
 ViT-S/14 global B256 H6 N257 D64, local B1024 H6 N50 D64, ViT-L/14 global B128 H16 N257 D64,
-ViT-L/14 at 518 px B32 H16 N1370 D64, and a packed step of ViT-S global + local crops: dinotron and
+ViT-L/14 at 518 px B32 H16 N1370 D64, ViT-L/14's width as 8 heads of 128 (the kernel's other head dim)
+B128 H8 N257 D128, and a packed step of ViT-S global + local crops: dinotron and
 xformers (BlockDiagonalMask, as dinov2) in one call, the others as two calls. On CPU the batch
 sizes shrink and the dinotron row is what a CPU user gets: the eager fallback, not the Triton
 interpreter. TFLOP/s count 4 N^2 D per head for the forward and 3.5x that for forward+backward
-(the backward does 2.5x the forward's matmul work), as flash-attn's benchmarks do.
+(the backward does 2.5x the forward's matmul work), as flash-attn's benchmarks do (benchmarks/roofline.py);
+on CUDA each row also gets the op's roofline time and roofline_share, the fraction of it the row reached.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import add_speedups, peak_mib, save, time_ms
+import roofline
+from common import add_roofline, add_speedups, peak_mib, save, time_ms
 from dinotron.kernels import attention, attention_varlen, make_cu_seqlens, packed_sequences
 
 # name: (groups of (batch, tokens), heads, head dim); CPU batches are divided by CPU_SHRINK
@@ -31,6 +34,7 @@ CASES = {
     "vit-s-local": ("ViT-S/14 local", [(1024, 50)], 6, 64),
     "vit-l-global": ("ViT-L/14 global", [(128, 257)], 16, 64),
     "vit-l-518": ("ViT-L/14 518px", [(32, 1370)], 16, 64),
+    "vit-l-global-d128": ("ViT-L/14 global, head dim 128", [(128, 257)], 8, 128),
     "packed": ("ViT-S/14 packed global+local", [(256, 257), (1024, 50)], 6, 64),
 }
 CPU_SHRINK = 32
@@ -124,7 +128,6 @@ def run_case(key: str, args, device: str, xops) -> list[dict]:
     if device == "cpu":
         groups = [(max(1, b // CPU_SHRINK), n) for b, n in groups]
     shape = " + ".join(f"B{b} N{n}" for b, n in groups) + f" H{heads} D{head_dim}"
-    fwd_flops = 4 * heads * head_dim * sum(b * n * n for b, n in groups)
     if key == "packed":
         impls, stack = packed_impls(args, xops, groups)
         qkv_shape = (sum(b * n for b, n in groups), 3, heads, head_dim)
@@ -133,15 +136,16 @@ def run_case(key: str, args, device: str, xops) -> list[dict]:
         qkv_shape = (groups[0][0], groups[0][1], 3, heads, head_dim)
     rows = []
     with stack:
-        for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
+        for mode in ("fwd", "fwd+bwd"):
             case = f"{label} {shape} {mode}"
+            cost = roofline.attention(groups, heads, head_dim, args.dtype.itemsize, backward=mode == "fwd+bwd")
             qkv = torch.randn(qkv_shape, dtype=args.dtype, device=device, requires_grad=mode == "fwd+bwd")
             for impl, fn in impls.items():
-                rows.append(measure(case, impl, fn, qkv, flops, device, args))
+                rows.append(measure(case, impl, fn, qkv, cost, device, args))
     return rows
 
 
-def measure(case, impl, fn, qkv, flops, device, args) -> dict:
+def measure(case, impl, fn, qkv, cost: roofline.Cost, device, args) -> dict:
     def step():
         out = fn(qkv)
         if qkv.requires_grad:
@@ -155,7 +159,8 @@ def measure(case, impl, fn, qkv, flops, device, args) -> dict:
     except (RuntimeError, ValueError, NotImplementedError) as e:
         row["note"] = f"does not run: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
         return row
-    row.update(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 3), peak_mib=_round(peak_mib(step, device)))
+    row.update(ms=round(ms, 4), tflops=round(cost.flops / ms / 1e9, 3), peak_mib=_round(peak_mib(step, device)))
+    add_roofline(row, cost, device)
     return row
 
 

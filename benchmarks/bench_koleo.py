@@ -10,7 +10,8 @@ on the student's cls features of one global crop. Impls: `eager` is dinotron.ker
 written out (mm, fill_diagonal_(-2), argmax, PairwiseDistance), `torch_compile` that function
 compiled, `dinotron` the public koleo_loss (Triton on CUDA; on CPU what a CPU user gets, the eager
 fallback, never the Triton interpreter). peak_mib is the memory the call allocates beyond its inputs
-(CUDA only): O(B^2) for the eager rows, O(B*D) for the kernel.
+(CUDA only): O(B^2) for the eager rows, O(B*D) for the kernel. On CUDA each row also gets the op's
+roofline time (benchmarks/roofline.py) and roofline_share, the fraction of it the row reached.
 fp32 inputs follow torch.backends.cuda.matmul.allow_tf32 in every row (--tf32 turns it on, as
 dinov2's train.py does); by default it is off, and the kernel's search runs in tf32x3.
 """
@@ -22,8 +23,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import roofline
 from common import add_speedups, measure, save
 from dinotron.kernels import koleo_loss, reference
+
+GPU_BATCHES, CPU_BATCHES = (128, 4096), (128, 1024)  # default --B (benchmarks/static_report.py compiles at GPU ones)
+DIMS = (384, 768)  # ViT-S and ViT-B widths: --D's default is the first; static_report.py compiles both
 
 
 def lightly_koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -52,15 +57,15 @@ def measure_step(case: str, impl: str, fn, x: torch.Tensor, device: str, args) -
         x.grad = None
         fn(x).backward()
 
-    return measure(case, impl, step, device, args.warmup, args.rep)
+    return measure(case, impl, step, device, args.warmup, args.rep, cost=roofline.koleo(*x.shape, x.dtype.itemsize))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--B", type=int, nargs="+", default=None,
-                        help="batch sizes (default: 128 4096 on CUDA, 128 1024 on CPU)")
-    parser.add_argument("--D", type=int, default=384)
+                        help=f"batch sizes (default: {GPU_BATCHES} on CUDA, {CPU_BATCHES} on CPU)")
+    parser.add_argument("--D", type=int, default=DIMS[0])
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--tf32", action="store_true",
                         help="torch.backends.cuda.matmul.allow_tf32 = True (dinov2's setting)")
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rep", type=int, default=None)
     args = parser.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
-    args.B = args.B or ([128, 4096] if on_cuda else [128, 1024])
+    args.B = args.B or list(GPU_BATCHES if on_cuda else CPU_BATCHES)
     args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 3)
     args.rep = args.rep if args.rep is not None else (50 if on_cuda else 20)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -19,6 +19,8 @@ them once in forward and once in backward (views of one tensor, or an (S, B, K) 
 Sinkhorn rows time the teacher targets of 2B rows (both global crops, as dinov2), forward only:
 `eager_dinov2` is dinov2's sinkhorn_knopp_teacher (exp of the logits, in place divisions),
 `eager_logspace` dinotron's reference, `torch_compile` dinov2's compiled, `dinotron` the public op.
+On CUDA each row also gets its op's roofline time (benchmarks/roofline.py: the DINO step's compulsory bytes,
+(2 S + T) B K, at 3.0 TB/s) and roofline_share, the fraction of it the row reached.
 Targets on one H100 (issue 6, B=128): DINO step <= 0.40 ms with peak memory the gradient plus O(rows);
 Sinkhorn <= 0.10 ms.
 """
@@ -30,10 +32,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import roofline
 from common import add_speedups, measure, save
 from dinotron.kernels import DINOLoss, reference, sinkhorn_knopp_teacher
 
 TEACHER_TEMP, STUDENT_TEMP, MOMENTUM = 0.04, 0.1, 0.9
+GPU_BATCHES, CPU_BATCHES = (64, 128), (16, 32)  # default --B (benchmarks/static_report.py compiles at GPU_BATCHES)
+N_PROTOTYPES, N_LOCAL = 65536, 8  # default --K and --n-local: dinov2's prototypes and local crops
 
 
 class EagerDINOLoss:
@@ -108,9 +113,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--B", type=int, nargs="+", default=None,
-                        help="batch sizes (default: 64 128 on CUDA, 16 32 on CPU)")
-    parser.add_argument("--K", type=int, default=65536)
-    parser.add_argument("--n-local", type=int, default=8, help="local crops: the student has 2 + n_local views")
+                        help=f"batch sizes (default: {GPU_BATCHES} on CUDA, {CPU_BATCHES} on CPU)")
+    parser.add_argument("--K", type=int, default=N_PROTOTYPES)
+    parser.add_argument("--n-local", type=int, default=N_LOCAL, help="local crops: the student has 2 + n_local views")
     parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=None,
                         help="logits dtype (default: float32 bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rep", type=int, default=None)
     args = parser.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
-    args.B = args.B or ([64, 128] if on_cuda else [16, 32])
+    args.B = args.B or list(GPU_BATCHES if on_cuda else CPU_BATCHES)
     args.dtype = args.dtype or (["float32", "bfloat16"] if on_cuda else ["float32"])
     args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
     args.rep = args.rep if args.rep is not None else (50 if on_cuda else 5)
@@ -133,6 +138,7 @@ def main(argv=None) -> int:
         dtype = getattr(torch, dtype_name)
         for B in args.B:
             case = f"B={B} K={K} views=2+{args.n_local} {dtype_name} fwd+bwd"
+            dino_cost = roofline.dino_loss(S, T, B, K, dtype.itemsize, "softmax")
             teacher = [torch.randn(B, K, device=args.device).to(dtype) for _ in range(T)]
             student = [torch.randn(B, K, device=args.device).to(dtype).requires_grad_() for _ in range(S)]
             for impl, loss_fn in loss_impls(K, args.device, args.compile).items():
@@ -140,13 +146,13 @@ def main(argv=None) -> int:
                     for s in student:
                         s.grad = None
                     loss_fn(teacher, student).backward()
-                rows.append(measure(case, impl, step, args.device, args.warmup, args.rep))
+                rows.append(measure(case, impl, step, args.device, args.warmup, args.rep, cost=dino_cost))
             del teacher, student
             case = f"B={B} sinkhorn rows={T * B} K={K} {dtype_name} fwd"
             logits = torch.randn(T * B, K, device=args.device).to(dtype)
             for impl, fn in sinkhorn_impls(args.compile).items():
                 rows.append(measure(case, impl, lambda fn=fn, logits=logits: fn(logits), args.device, args.warmup,
-                                    args.rep))
+                                    args.rep, cost=roofline.sinkhorn_knopp_teacher(T * B, K, dtype.itemsize)))
             del logits
     add_speedups(rows, ours="dinotron")
     dinotron_path = "triton kernels" if on_cuda else "eager reference (CPU fallback)"

@@ -10,9 +10,9 @@ AdamW with dinov2's parameter groups, gradient clipping, EMA teacher update, bf1
 The images are synthetic uint8 crops made once on the device and normalised in each step, as the loader's output
 would be, so no data loading is timed (benchmarks/bench_loader_stall.py times that). Rows:
 
-- `eager_sdpa` (a): timm's ViT with its torch SDPA attention and the eager reference losses
-  (DINOTRON_BACKEND=eager: kernels/reference.py, dinov2's formulas written plainly), separate global and local
-  forwards, no compile: dinov2's recipe as plain PyTorch;
+- `eager_sdpa` (a): timm's ViT with its torch SDPA attention, the heads' logits and the eager reference losses
+  (DINOTRON_BACKEND=eager, model.fused_head=false: kernels/reference.py, dinov2's formulas written plainly),
+  separate global and local forwards, no compile: dinov2's recipe as plain PyTorch;
 - `eager_compile` (b): (a) with the backbones under torch.compile (model.compile=true);
 - `dinotron` (c): the trainer's defaults on CUDA (Triton loss kernels, fused head + loss);
 - `dinotron_all` (d): every option on: Triton attention, global and local crops packed into one varlen pass,
@@ -50,10 +50,13 @@ MODELS = {  # name: (timm architecture, images per step)
     "vitl14": ("vit_large_patch14_dinov2", 32),
 }
 IMPLS = {  # name: (DINOTRON_BACKEND, config overrides)
-    "eager_sdpa": ("eager", ["model.attention=timm", "model.pack_crops=false", "model.compile=false"]),
-    "eager_compile": ("eager", ["model.attention=timm", "model.pack_crops=false", "model.compile=true"]),
+    "eager_sdpa": ("eager", ["model.attention=timm", "model.pack_crops=false", "model.compile=false",
+                             "model.fused_head=false"]),
+    "eager_compile": ("eager", ["model.attention=timm", "model.pack_crops=false", "model.compile=true",
+                                "model.fused_head=false"]),
     "dinotron": ("auto", []),
-    "dinotron_all": ("auto", ["model.attention=dinotron", "model.pack_crops=true", "model.compile=true"]),
+    "dinotron_all": ("auto", ["model.attention=dinotron", "model.pack_crops=true", "model.compile=true",
+                              "model.fused_head=true"]),
 }
 SCOPES = ("teacher", "backbone", "heads", "losses", "backward", "optimizer", "ema")
 LOCAL_SIZE = 98  # dinov2's local crop side for patch 14 (7 x 7 patches)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -18,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from roofline import Cost
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,9 +91,10 @@ def peak_mib(fn: Callable[[], object], device: str | torch.device) -> float | No
 
 
 def measure(case: str, impl: str, step: Callable[[], object], device: str | torch.device, warmup: int,
-            rep: int) -> dict:
+            rep: int, cost: Cost | None = None) -> dict:
     """One results row: the median ms of step() and its peak memory (CUDA), after one untimed call
-    that compiles (Triton, inductor); a row with a note instead if step() raises."""
+    that compiles (Triton, inductor); a row with a note instead if step() raises. cost: the op's
+    analytic bytes and flops (benchmarks/roofline.py), for add_roofline."""
     row = {"case": case, "impl": impl}
     try:
         step()
@@ -102,7 +106,17 @@ def measure(case: str, impl: str, step: Callable[[], object], device: str | torc
     mib = peak_mib(step, device)
     if mib is not None:
         row["peak_mib"] = round(mib, 2)
+    add_roofline(row, cost, device)
     return row
+
+
+def add_roofline(row: dict, cost: Cost | None, device: str | torch.device) -> None:
+    """On CUDA, give a timed row its op's roofline time (roofline_ms) and the share of it the row reached
+    (roofline_share = roofline_ms / ms, 1 at the roofline). Not on CPU: the roofline is an H100's."""
+    if cost is None or row.get("ms") is None or torch.device(device).type != "cuda":
+        return
+    row["roofline_ms"] = round(cost.roofline_ms, 5)
+    row["roofline_share"] = round(cost.share(row["ms"]), 4)
 
 
 def add_speedups(rows: list[dict], ours: str, metric: str = "ms") -> None:
@@ -136,9 +150,10 @@ def _fmt(v) -> str:
 
 def save(bench: str, rows: list[dict], device: str | torch.device, metric: str = "ms",
          extra: dict | None = None) -> Path:
-    """Print the table, write results/<device-slug>/<bench>.json and a PNG plot of `metric` beside it."""
+    """Print the table, write results/<device-slug>/<bench>.json and a PNG plot of `metric` beside it; where the
+    environment sets DINOTRON_RESULTS_DIR (gpu_proof.py), <bench>.json into that folder and no plot."""
     name = device_name(device)
-    out_dir = RESULTS / device_slug(name)
+    out_dir = Path(os.environ.get("DINOTRON_RESULTS_DIR") or RESULTS / device_slug(name))
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "bench": bench,
@@ -152,8 +167,9 @@ def save(bench: str, rows: list[dict], device: str | torch.device, metric: str =
     path = out_dir / f"{bench}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print_table(rows)
-    _plot(record, metric, path.with_suffix(".png"))
-    print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
+    if "DINOTRON_RESULTS_DIR" not in os.environ:  # gpu_proof's folder holds the JSON files only
+        _plot(record, metric, path.with_suffix(".png"))
+    print(f"wrote {_relative(str(path))}")
     return path
 
 

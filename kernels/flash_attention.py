@@ -113,6 +113,12 @@ recomputes the softmax), so CPU runs take the same path as the GPU.
 timm integration (duck-typed, timm is never imported here): `swap_timm_attention(model)` makes
 every timm ViT `Attention` module run these kernels, and `packed_sequences(cu_seqlens, max_seqlen)`
 makes swapped modules that receive x of shape (1, total_tokens, C) attend within each sequence.
+timm's `EvaAttention` (the DINOv3 and EVA-02 ViTs) is swapped too: q and k of the patch tokens are
+rotated by the block's rotary embedding in torch ops, as timm's apply_rot_embed_cat (prefix tokens
+unrotated), then go to the same op. Packed, the rotation takes one [sin | cos] row per token
+(`pack_rope`: each crop size its own grid's rows, the prefix tokens a rotation by 0). The rotation
+reads q and k and writes them once more before the kernel (4 E of the roofline above per layer, fwd);
+fusing it into the kernel's Q/K loads is left for later.
 """
 from __future__ import annotations
 
@@ -929,7 +935,7 @@ def _timm_attention_forward(self, x, rope, attn_mask, is_causal, backend) -> tor
         raise ValueError(f"inside packed_sequences a swapped Attention expects x of shape (1, total_tokens, C), "
                          f"got {tuple(x.shape)}")
     H = self.num_heads
-    D = getattr(self, "head_dim", self.qkv.out_features // (3 * H) if self.qkv is not None else None)
+    D = getattr(self, "head_dim", None) or self.qkv.out_features // (3 * H)
     scale = getattr(self, "scale", D ** -0.5)
     rotated = N if packing is not None else N - getattr(self, "num_prefix_tokens", 0)
     if rope is not None and (rope.ndim != 2 or rope.shape[0] != rotated):

@@ -82,7 +82,7 @@ def _row_lse_kernel(
         if WRITE_PROBS:
             for r0 in tl.range(r_first, r_end, BLOCK_R, num_stages=3):  # pipelined: cp.async of the next blocks
                 x, r, r_mask = _slab_tile(X, r0, k, k_mask, r_end, rows_per_view, view_stride, row_stride, BLOCK_R)
-                lse = tl.load(LSE + r, mask=r_mask, other=0.0)
+                lse = tl.load(LSE + r, mask=r_mask, other=float("inf"))  # exp(-inf) = 0 off the rows
                 tl.store(PROBS + r.to(tl.int64)[:, None] * K + k[None, :],
                          tl.exp(x * scale + bias[None, :] - lse[:, None]), mask=r_mask[:, None] & k_mask[None, :])
         else:

@@ -91,9 +91,10 @@ def check_patch_multiples(schedule: list[ResolutionPhase], patch_size: int) -> N
         for key in ("global_crops_size", "local_crops_size"):
             bad = [s for s in getattr(phase, key) if s % patch_size]
             if bad:
-                near = [max(1, round(s / patch_size)) * patch_size for s in bad]
+                near = ", ".join(f"{max(s // patch_size, 1) * patch_size} or {(s // patch_size + 1) * patch_size}"
+                                 for s in bad)
                 raise ValueError(f"data.resolution_schedule[{i}].{key}: {bad} are not multiples of the model's patch "
-                                 f"size {patch_size} (the nearest are {near})")
+                                 f"size {patch_size} (multiples near them: {near})")
 
 
 def draw_pair(seed: int, step: int, ratios) -> int:

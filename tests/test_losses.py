@@ -971,14 +971,25 @@ def test_gpu_tiles_ibot_patch_loss_matches_reference(gpu_tiles, monkeypatch, n_s
     assert_same_loss_and_grads(actual, expected, torch.float32)
 
 
-def test_gpu_tiles_softmax_center_and_update_match_reference(gpu_tiles, monkeypatch):
-    """20 rows of K=5000: with the centre's column sums BLOCK_R 4 x BLOCK_K 1024 (5 programs, 5 blocks,
-    the last 904 columns); probabilities alone BLOCK_R 1 x BLOCK_K 4096 (20 programs, 2 blocks, the
-    last 904); the EMA 256 columns per program (20 programs, the last 136 columns), and from the rows
-    themselves 2 row blocks of BLOCK_P 16 (the last 4 rows)."""
+@pytest.mark.parametrize("n_sms,shape,grid,block_r,n_groups", [
+    # 20 rows of K=5000: BLOCK_K 256 (20 slabs, the last 136 columns) x BLOCK_R 8 (3 row blocks, the last 4
+    # rows), one group; one slab a program
+    (H100_SMS, (2, 10, 5000), 20, 8, 1),
+    # 300 rows of K=1000: 2 groups of 256 and 44 rows x 4 slabs (the last 232 columns) = 8 tiles on one wave of
+    # 3 x 2 SMs: programs 0 and 1 take a tile of each group, so a group's last slab, and its fold, can be
+    # another program's; the centre's column sums are 2 group partials
+    (2, (2, 150, 1000), 6, 8, 2),
+])
+def test_gpu_tiles_softmax_center_and_update_match_reference(gpu_tiles, monkeypatch, n_sms, shape, grid, block_r,
+                                                             n_groups):
+    """Each op launches the row kernel once for the log-sum-exp (with the centre's column sums, or without),
+    and once more for the probabilities; the EMA takes 256 columns a program, from the group partials or, for
+    update_center, from the rows themselves in row blocks of BLOCK_P 16."""
+    gpu_tiles(n_sms)
     rows = spy_launches(monkeypatch, softmax_center, "_row_lse_kernel")
     ema = spy_launches(monkeypatch, softmax_center, "_center_ema_kernel")
-    logits, center = 3 * torch.randn(2, 10, 5000), torch.randn(1, 5000)
+    K, R = shape[-1], shape[0] * shape[1]
+    logits, center = 3 * torch.randn(shape), torch.randn(1, K)
     expected = reference.softmax_center_teacher(logits, center, 0.04)
     expected_center = reference.update_center(center, logits, 0.9)
     probs, new_center = softmax_center_and_update_teacher(logits, center, 0.04, 0.9, backend="triton")
@@ -986,8 +997,33 @@ def test_gpu_tiles_softmax_center_and_update_match_reference(gpu_tiles, monkeypa
     torch.testing.assert_close(new_center, expected_center, **FP32)
     torch.testing.assert_close(softmax_center_teacher(logits, center, 0.04, backend="triton"), expected, **FP32)
     torch.testing.assert_close(update_center(center, logits, 0.9, backend="triton"), expected_center, **FP32)
-    assert rows.grids() == [(5,), (20,)] and rows.arg("BLOCK_R") == [4, 1] and rows.arg("BLOCK_K") == [1024, 4096]
-    assert ema.grids() == [(20,)] * 2 and ema.arg("BLOCK_K") == [256] * 2 and ema.arg("n_partial") == [1, 20]
+    assert rows.grids() == [(grid,)] * 4 and rows.arg("BLOCK_R") == [block_r] * 4
+    assert rows.arg("BLOCK_K") == [256] * 4
+    assert rows.arg("WITH_COLSUM") == [True, False, False, False]
+    assert rows.arg("WRITE_PROBS") == [False, True, False, True]
+    assert all(counter.tolist() == [0] * n_groups for counter in rows.arg("COUNTER"))  # reset by each group's fold
+    assert ema.grids() == [(triton.cdiv(K, 256),)] * 2 and ema.arg("BLOCK_K") == [256] * 2
+    assert ema.arg("n_partial") == [n_groups, R]
+
+
+def test_gpu_tiles_softmax_center_is_deterministic(gpu_tiles):
+    """The row log-sum-exp, the probabilities and the new centre are bit-identical between runs and whatever
+    the SM count, i.e. whichever program streams a tile and finishes a group last: the column sums add row
+    blocks and then group partials in a fixed order, the fold adds slab partials in slab order, no atomics
+    on data. 300 rows of K=1000 (2 groups x 4 slabs, as above) on one wave of 3 x 132 (8 programs), 3 x 2
+    (6) and 3 x 1 (3) SMs; fp32 and bf16 logits."""
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, center = (3 * torch.randn(2, 150, 1000)).to(dtype), torch.randn(1, 1000)
+        runs = []
+        for n_sms in (H100_SMS, H100_SMS, 2, 1):
+            gpu_tiles(n_sms)
+            targets, new_center = softmax_center.softmax_center_targets(list(logits), center, 0.04, 0.9, "triton")
+            runs.append((targets.row_lse, new_center,
+                         *softmax_center_and_update_teacher(logits, center, 0.04, 0.9, backend="triton")))
+        for run in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(run, runs[0], strict=True))
+        torch.testing.assert_close(runs[0][0], reference.softmax_center_lse(logits, center, 0.04), **FP32)
+        torch.testing.assert_close(runs[0][1], reference.update_center(center, logits, 0.9), **FP32)
 
 
 @pytest.mark.parametrize("n_sms,grid,fold_in_kernel", [(H100_SMS, 20, True), (4, 8, True), (4, 8, False)])
@@ -1026,14 +1062,14 @@ def module_call(module, teacher, masks=None):
 
 @pytest.mark.parametrize("module,centering,K,grid,block_k,row_pass,sinkhorn_pass", [
     # 10 student views of 3 rows: BLOCK_K 256, 10 blocks (the last 196 columns) in 10 splits; the
-    # centring pass BLOCK_R 4 x BLOCK_K 1024 (2 programs; 3 blocks, the last 452)
-    (DINOLoss, "softmax", 2500, (3, 10), 256, ((2,), 4, 1024), None),
+    # centring pass BLOCK_R 8 (next_pow2(6)) x BLOCK_K 256, 10 slabs (the last 196 columns), one program each
+    (DINOLoss, "softmax", 2500, (3, 10), 256, ((10,), 8, 256), None),
     # Sinkhorn-Knopp over the 6 teacher rows: 10 slabs of BLOCK_K 256 (the last 196 columns), one program
     # each, row blocks of BLOCK_R 8 (next_pow2(6))
     (DINOLoss, "sinkhorn_knopp", 2500, (3, 10), 256, None, ((10,), 8, 256)),
     # 7 masked rows: BLOCK_K 4096, 3 blocks (the last 808 columns) in 3 splits; the centring pass
-    # BLOCK_R 4 x BLOCK_K 1024 (2 programs, the second with 3 rows; 9 blocks, the last 808)
-    (IBOTPatchLoss, "softmax", 9000, (7, 3), 4096, ((2,), 4, 1024), None),
+    # BLOCK_R 8 x BLOCK_K 256, 36 slabs (the last 40 columns), one program each
+    (IBOTPatchLoss, "softmax", 9000, (7, 3), 4096, ((36,), 8, 256), None),
 ])
 def test_gpu_tiles_modules_match_eager(gpu_tiles, monkeypatch, module, centering, K, grid, block_k, row_pass,
                                       sinkhorn_pass):
@@ -1536,7 +1572,8 @@ def test_distributed_collectives_match_the_reference(one_rank_group, launches):
 # ---- the compiled kernels -------------------------------------------------------------------------
 
 # Every kernel variant: with and without teacher logits, same-view exclusion and weights, bf16 and fp32,
-# 32- and 64-bit view strides; the row pass with the centre's column sums (bf16) and with probabilities alone.
+# 32- and 64-bit view strides; the centring's log-sum-exp pass with the centre's column sums (bf16) and its
+# probabilities' pass (fp32).
 LOWER_SCRIPT = """
 from dinotron.kernels import cross_entropy as ce, sinkhorn_knopp as sk, softmax_center as sc
 
@@ -1555,10 +1592,10 @@ for teacher_logits, exclude, dtype, stride in [(True, True, "bf16", "i32"), (Fal
 lower(ce._ce_combine_kernel, dict(PARTIAL="*fp32", WEIGHT="*fp32", LSE="*fp32", MASS="*fp32", LOSS="*fp32", n_out="i32",
       n_rows="i32", n_splits="i32", scale="fp32", HAS_WEIGHT=True, BLOCK=1024), num_warps=4)
 for with_colsum, dtype in [(True, "bf16"), (False, "fp32")]:
-    lower(sc._row_lse_kernel, dict(X=f"*{dtype}", BIAS="*fp32", LSE="*fp32", PROBS="*fp32",
-          COLSUM="*fp32" if with_colsum else None, n_rows="i32", K="i32", rows_per_view="i32", view_stride="i32",
-          row_stride="i32", scale="fp32", bias_scale="fp32", BLOCK_R=4 if with_colsum else 1,
-          BLOCK_K=1024 if with_colsum else 4096, HAS_BIAS=True, WITH_COLSUM=with_colsum, WRITE_PROBS=not with_colsum))
+    lower(sc._row_lse_kernel, dict(X=f"*{dtype}", BIAS="*fp32", LSE="*fp32", PROBS=None if with_colsum else "*fp32",
+          COLSUM="*fp32" if with_colsum else None, PARTIAL="*fp32", COUNTER="*i32", n_rows="i32", K="i32",
+          rows_per_view="i32", view_stride="i32", row_stride="i32", scale="fp32", bias_scale="fp32", HAS_BIAS=True,
+          WITH_COLSUM=with_colsum, WRITE_PROBS=not with_colsum, BLOCK_R=8, BLOCK_K=256, BLOCK_S=16))
 lower(sc._center_ema_kernel, dict(PARTIAL="*fp32", CENTER="*bf16", OUT="*bf16", n_partial="i32", partial_stride="i32",
       K="i32", inv_count="fp32", momentum="fp32", BLOCK_P=16, BLOCK_K=256), num_warps=4)
 # one iteration's launch (both passes), distributed's column and row launches, the probabilities' launch

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
+from timm.models import model_entrypoint
 from torch.nn.utils.parametrizations import weight_norm
 from torch.profiler import record_function
 
@@ -152,15 +153,23 @@ class _Packing:
 
 
 def create_vit(cfg: ModelConfig, drop_path_rate: float) -> nn.Module:
-    """A timm VisionTransformer with dynamic image size (all crop sizes share weights), no classifier."""
+    """A timm VisionTransformer, or a timm Eva (the DINOv3 and EVA-02 ViTs: rotary position embeddings, registers
+    as prefix tokens), with dynamic image size (all crop sizes share weights), no classifier."""
     try:
         vit = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=drop_path_rate, **timm_model_args(cfg))
     except RuntimeError as e:
         raise ValueError(f"model.arch: timm cannot create {cfg.arch!r}: {e}") from e
     missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens") if not hasattr(vit, a)]
     if missing or getattr(vit, "cls_token", None) is None:
-        raise ValueError(f"model.arch: {cfg.arch!r} is not a timm VisionTransformer with a class token")
+        raise ValueError(f"model.arch: {cfg.arch!r} is not a timm VisionTransformer or Eva with a class token")
+    if getattr(vit, "rope_mixed", False):
+        raise ValueError(f"model.arch: {cfg.arch!r} has per-block rotary embeddings (rope_type='mixed'), which "
+                         "Backbone does not run; use an arch with one rope for all blocks (DINOv3's, EVA-02's)")
+    if cfg.layerscale is None and getattr(vit.blocks[0], "gamma_1", None) is not None:
+        raise ValueError(f"model.layerscale=null: {cfg.arch!r} is a timm Eva with LayerScale by default, which "
+                         "timm.create_model cannot turn off (it drops init_values=None); set model.layerscale")
     return vit
+
 
 def pretrained_state(source: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The weights model.pretrained names, and the timm config.json beside them ({} where there is none).
@@ -243,15 +252,18 @@ def timm_model_args(cfg: ModelConfig) -> dict:
     LayerScale off is init_values=0.0: timm.create_model drops None-valued arguments, which would
     leave an architecture's own default (1e-5 for the *_dinov2 ViTs) in place."""
     args = dict(num_classes=0, img_size=cfg.img_size, dynamic_img_size=True, init_values=cfg.layerscale or 0.0)
+    eva = timm.is_model(cfg.arch) and model_entrypoint(cfg.arch).__module__ == "timm.models.eva"
+    if eva:  # Eva: init_values=0.0 would be a LayerScale of 0; the final norm on the tokens (not fc_norm)
+        args.update(init_values=cfg.layerscale, use_fc_norm=False)
     if cfg.num_registers:
-        args["reg_tokens"] = cfg.num_registers
+        args["num_reg_tokens" if eva else "reg_tokens"] = cfg.num_registers
     args.update(cfg.timm_kwargs)
     return args
 
 
 class Backbone(nn.Module):
-    """A timm ViT plus dinov2's mask token, which replaces masked patch embeddings before the
-    position embedding is added. `vit`'s state dict is plain timm.
+    """A timm ViT (or Eva, whose blocks take its rotary embedding) plus dinov2's mask token, which replaces masked
+    patch embeddings before the position embedding is added. `vit`'s state dict is plain timm.
 
     Stochastic depth: `uniform_drop_path` gives every block that rate (dinov2's drop_path_uniform),
     else timm's linear schedule is kept; either way per packed sequence in forward_packed."""
@@ -271,32 +283,45 @@ class Backbone(nn.Module):
     def patch_size(self) -> int:
         return self.vit.patch_embed.patch_size[0]
 
-    def tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """images (B, 3, S, S), masks (B, (S/p)^2) bool -> (B, prefix + (S/p)^2, C) input tokens."""
+    def tokens(self, images: torch.Tensor,
+               masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images (B, 3, S, S), masks (B, (S/p)^2) bool -> ((B, prefix + (S/p)^2, C) input tokens, the rotary
+        embedding of the (S/p)^2 grid: ((S/p)^2, 2 head_dim) [sin | cos] for a timm Eva with rope, else None)."""
         x = self.vit.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
         if masks is not None:
             x = torch.where(masks.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
-        x = self.vit._pos_embed(x)
-        x = self.vit.patch_drop(x)
-        return self.vit.norm_pre(x)
+        x, rope = self.vit._pos_embed(x), None
+        if isinstance(x, tuple):  # timm's Eva: (tokens, rope), its patch dropout applied
+            x, rope = x
+        else:
+            x = self.vit.patch_drop(x)
+        return self.vit.norm_pre(x), rope
+
+    def _blocks(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        for block in self.vit.blocks:  # an Eva's blocks take the rope (a ModuleList, not a Sequential)
+            x = block(x) if rope is None else block(x, rope=rope)
+        return x
 
     def _split(self, x: torch.Tensor) -> BackboneOutput:
         x = self.vit.norm(x)
         return BackboneOutput(cls=x[:, 0], patches=x[:, self.vit.num_prefix_tokens :])
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> BackboneOutput:
-        return self._split(self.vit.blocks(self.tokens(images, masks)))
+        return self._split(self._blocks(*self.tokens(images, masks)))
 
     def forward_packed(self, crops: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[BackboneOutput]:
         """Several crop batches (sizes may differ) through the blocks in one varlen pass; needs the
-        dinotron attention swapped in (kernels.swap_timm_attention)."""
-        tokens = [self.tokens(images, masks) for images, masks in crops]
+        dinotron attention swapped in (kernels.swap_timm_attention). A rope ViT's packed sequences each turn by
+        their own grid's rope (kernels.flash_attention.pack_rope)."""
+        tokens, ropes = zip(*[self.tokens(images, masks) for images, masks in crops], strict=True)
         batches = [tuple(t.shape[:2]) for t in tokens]
         cu_seqlens, max_seqlen = kernels.make_cu_seqlens([n for b, n in batches for _ in range(b)])
         packed = torch.cat([t.flatten(0, 1) for t in tokens])[None]
+        rope = None if ropes[0] is None else \
+            kernels.flash_attention.pack_rope(ropes, batches, self.vit.num_prefix_tokens)
         cu_seqlens = host_to_device(cu_seqlens, packed.device)
         with self._packing.sequences(batches, packed.device), kernels.packed_sequences(cu_seqlens, max_seqlen):
-            packed = self.vit.blocks(packed)[0]
+            packed = self._blocks(packed, rope)[0]
         outs, start = [], 0
         for t in tokens:
             n = t.shape[0] * t.shape[1]
