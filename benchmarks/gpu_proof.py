@@ -50,6 +50,9 @@ PARTS = {
                      ["bench_loader_stall.py", "--smoke", "--steps", "1", "--warmup", "1", "--threads", "2"]),
 }
 SMOKE_CAP_S = 60  # per part on CPU
+# Attention autotunes over up to 32 configs per launch and head dim, one compile each: an even spread of 6 keeps the
+# run within TOTAL_S (the environment's DINOTRON_AUTOTUNE_MAX wins; kernels/flash_attention.py).
+AUTOTUNE_MAX = 6
 
 
 def copy_bandwidth(device: torch.device) -> dict:
@@ -76,7 +79,8 @@ def copy_bandwidth(device: torch.device) -> dict:
 
 def run_part(name: str, command: list[str], cap: float, out: Path) -> dict:
     """Runs one part as a child process (its own CUDA context, so a crash or a hang stays in it), results into out."""
-    env = {**os.environ, "DINOTRON_RESULTS_DIR": str(out), "PYTHONUNBUFFERED": "1"}
+    env = {"DINOTRON_AUTOTUNE_MAX": str(AUTOTUNE_MAX), **os.environ, "DINOTRON_RESULTS_DIR": str(out),
+           "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     cwd = HERE.parent if name == "tests" else HERE
     try:

@@ -657,3 +657,20 @@ def test_gpu_cuda_graphs_match_eager(fresh_dynamo, launches):
         assert_all_close(actual, expected, **(dict(rtol=0, atol=0) if exact else TOL[torch.bfloat16]))
     assert launches["_attn_fwd"] and launches["_attn_bwd"]  # the eager runs took the kernels
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.parametrize("launch,head_dim", [({}, 64), ({}, 128), ({"DKDV": True}, 64), ({"DKDV": False}, 128)])
+def test_autotune_cap_keeps_an_even_spread(monkeypatch, launch, head_dim):
+    """DINOTRON_AUTOTUNE_MAX=n (gpu_proof's time budget): n of the listed configs, from the largest tile to the small
+    ones; unset, all of them (the prune as on a GPU: the interpreter's single config is bypassed here)."""
+    import dinotron.kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "interpreter_enabled", lambda: False)
+    name = "fwd" if not launch else "dkdv" if launch["DKDV"] else "dq"
+    listed = fa._CONFIGS[name, head_dim]
+    every = fa._configs("fwd", "dq", "dkdv")
+    kept = [fa._params(c) for c in fa._for_head_dim(every, {"HEAD_DIM": head_dim, **launch})]
+    assert sorted(kept) == sorted(listed)
+    monkeypatch.setenv("DINOTRON_AUTOTUNE_MAX", "3")
+    kept = {fa._params(c) for c in fa._for_head_dim(every, {"HEAD_DIM": head_dim, **launch})}
+    assert len(kept) == 3 and listed[0] in kept and kept <= set(listed)
