@@ -941,8 +941,10 @@ def _timm_attention_forward(self, x, rope, attn_mask, is_causal, backend) -> tor
     H = self.num_heads
     D = getattr(self, "head_dim", None) or self.qkv.out_features // (3 * H)
     scale = getattr(self, "scale", D ** -0.5)
+    # rows to rotate: packed, every token (pack_rope); else the patch tokens (a batch axis in front after timm's
+    # patch dropout)
     rotated = N if packing is not None else N - getattr(self, "num_prefix_tokens", 0)
-    if rope is not None and (rope.ndim != 2 or rope.shape[0] != rotated):
+    if rope is not None and ((packing is not None and rope.ndim != 2) or rope.shape[-2] != rotated):
         where = "inside packed_sequences one row per packed token (pack_rope)" if packing is not None else \
             f"one row per patch token ({N} tokens, {self.num_prefix_tokens} prefix)"
         raise ValueError(f"rope of shape {tuple(rope.shape)}: expected ({rotated}, 2 * head_dim), {where}")
