@@ -17,9 +17,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bench_step import MODELS, time_steps, trainer_for
+from bench_step import MODELS, step_device, time_steps, trainer_for
 from common import save
 
 
@@ -56,9 +55,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--threads", type=int, default=8, help="DALI CPU threads")
     p.add_argument("--smoke", action="store_true", help="the tests' tiny ViT and DALI's CPU graph")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.smoke:
-        p.error("the full-size step needs a CUDA GPU; on CPU run --smoke")
+    device = step_device(p, args.smoke)
     dali_device = "gpu" if device.type == "cuda" else "cpu"
     case = "tiny ViT B=4" if args.smoke else f"{args.model} B={MODELS[args.model][1]}"
     rows = []

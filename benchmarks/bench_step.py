@@ -217,6 +217,14 @@ def measure_step(case: str, impl: str, model: str, smoke: bool, steps: int, warm
     return row
 
 
+def step_device(parser: argparse.ArgumentParser, smoke: bool) -> torch.device:
+    """CUDA where there is a GPU; CPU only for --smoke (a full-size step on CPU would take hours)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not smoke:
+        parser.error("the full-size step needs a CUDA GPU; on CPU run --smoke")
+    return device
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -225,9 +233,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile, Triton autotuning)")
     p.add_argument("--smoke", action="store_true", help="the tests' tiny ViT at 4 images (CPU: a plumbing check)")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.smoke:
-        p.error("the full-size step needs a CUDA GPU; on CPU run --smoke")
+    device = step_device(p, args.smoke)
     rows = []
     for model in ([args.models[0]] if args.smoke else args.models):
         arch, B = MODELS[model]

@@ -40,3 +40,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code and guards of other tests neither help nor hide a graph break in the test that uses it."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

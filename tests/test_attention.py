@@ -440,14 +440,6 @@ def test_packed_global_and_local_crops_match_separate_batches(backend):
 CU_SEQLENS, MAX_SEQLEN = make_cu_seqlens([5, 0, 11])  # 16 tokens, an empty sequence among them
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Compile tests start from, and leave behind, an empty dynamo cache."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def small_qkv(varlen: bool, backend: str):
     """q, k, v for the op: fp16 with D=64 for the kernel, fp32 with D=8 for the eager reference."""
     dtype, D = (torch.float16, 64) if backend == "triton" else (torch.float32, 8)

@@ -27,11 +27,7 @@ AOT_EAGER = dict(rtol=1.3e-6, atol_of_max=1e-6)  # module docstring
 INDUCTOR = dict(rtol=1.3e-6, atol_of_max=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 def student_side(*overrides: str, device: str = "cpu"):

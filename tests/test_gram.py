@@ -296,13 +296,6 @@ def test_triton_path_allocates_nothing_of_b_n_n():
 
 # ---- one torch.library op: torch.compile and opcheck ----------------------------------------------
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_dynamo_sees_one_op_without_graph_breaks(backend, fresh_dynamo):
     student, teacher = patches(2, 20, 8)

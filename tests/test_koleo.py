@@ -548,14 +548,6 @@ def test_group_equals_one_process_holding_every_row(tmp_path):
 
 # ---- one torch.library op: torch.compile and opcheck ---------------------------------------------
 
-@pytest.fixture
-def fresh_dynamo():
-    """Compiled code and guards of other tests neither help nor hide a graph break here."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_dynamo_sees_one_op_without_graph_breaks(backend, fresh_dynamo):
     x = torch.randn(12, 8)
