@@ -22,6 +22,7 @@ def exported(tmp_path):
     with torch.no_grad():
         for p in model.teacher.parameters():
             p.add_(0.1 * torch.randn_like(p))
+        model.dino_center.normal_()
     return model, export_backbone(model, cfg, tmp_path / "export")
 
 
@@ -34,8 +35,20 @@ def test_export_folder_starts_student_and_teacher(exported):
             expected = source.teacher.backbone(images).cls
             for part in (model.student, model.teacher):
                 torch.testing.assert_close(part.backbone(images).cls, expected, rtol=1e-5, atol=1e-5)
-        # the heads start fresh: they are not the source's
-        assert not torch.equal(model.student.dino_head.mlp[0].weight, source.teacher.dino_head.mlp[0].weight)
+        # an export folder brings its heads and centres (they fit); a lone weights file does not
+        heads_loaded = torch.equal(model.student.dino_head.mlp[0].weight, source.teacher.dino_head.mlp[0].weight)
+        assert heads_loaded == (not spelling.endswith(".safetensors"))
+        if heads_loaded:
+            assert torch.equal(model.teacher.dino_head.mlp[0].weight, source.teacher.dino_head.mlp[0].weight)
+            assert torch.equal(model.dino_center, source.dino_center)
+
+
+def test_export_heads_that_do_not_fit_start_fresh(exported):
+    source, folder = exported
+    model = DinoV2(tiny_config("model.num_registers=2", f"model.pretrained={folder}",
+                               "dino.head={n_prototypes: 32, hidden_dim: 32, bottleneck_dim: 16, nlayers: 3}"))
+    assert model.dino_center.shape == (1, 32) and not model.dino_center.any()
+    assert not torch.equal(model.student.dino_head.mlp[0].weight, source.teacher.dino_head.mlp[0].weight)
 
 
 def test_position_embedding_resampled_to_the_grid(exported):

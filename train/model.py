@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from dinotron import kernels
 from dinotron.train.config import Config, HeadConfig, ModelConfig
 from dinotron.train.masking import masked_patch_indices
 from dinotron.train.parallel import full_tensor, local_tensors
+
+log = logging.getLogger(__name__)
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -419,6 +422,8 @@ class DinoV2(nn.Module):
             load_pretrained(self.student.backbone, mc.pretrained, mc.arch)
         self.register_buffer("dino_center", torch.zeros(1, cfg.dino.head.n_prototypes))
         self.register_buffer("ibot_center", torch.zeros(1, self.ibot_prototypes))
+        if mc.pretrained and (Path(mc.pretrained.removeprefix("local-dir:")) / HEADS_FILE).is_file():
+            self._load_exported_heads(Path(mc.pretrained.removeprefix("local-dir:")) / HEADS_FILE)
         if cfg.distillation.enabled:  # a frozen teacher of its own architecture, with its trained heads and centres
             self.teacher, centers = load_distillation_teacher(cfg.distillation.teacher)
             theirs = {k: tuple(v.shape) for k, v in centers.items()}
@@ -446,6 +451,26 @@ class DinoV2(nn.Module):
             kernels.swap_timm_attention(self.teacher.backbone.vit)
         if mc.pack_crops and mc.attention != "dinotron":
             raise ValueError("model.pack_crops needs model.attention=dinotron (varlen attention)")
+
+    def _load_exported_heads(self, path: Path) -> None:
+        """A `dinotron export` folder continues with its heads and centres too (a later phase of the same run, e.g.
+        high resolution), where they fit these heads; otherwise the heads start fresh, as from a plain timm
+        checkpoint, and the log says why."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        heads = {k: v for k, v in state.items() if k.split(".")[0] in ("dino_head", "ibot_head")}
+        own = {**self.student.state_dict(), "dino_center": self.dino_center, "ibot_center": self.ibot_center}
+        fits = set(heads) == {k for k in own if k.split(".")[0] in ("dino_head", "ibot_head")} and all(
+            own[k].shape == v.shape for k, v in {**heads, "dino_center": state["dino_center"],
+                                                  "ibot_center": state["ibot_center"]}.items())
+        if not fits:
+            log.info(f"model.pretrained: the heads in {path} do not fit model's heads; they start fresh")
+            return
+        self.student.load_state_dict({**self.student.state_dict(), **heads})
+        self.dino_center.copy_(state["dino_center"])
+        self.ibot_center.copy_(state["ibot_center"])
+        log.info(f"model.pretrained: heads and centres from {path} too")
 
     @property
     def evaluated(self) -> MultiCropModel:
