@@ -13,8 +13,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _compiled_run(config) -> bool:
-    markexpr = config.getoption("markexpr", "") or ""
-    return HAS_CUDA and "gpu" in markexpr and "not gpu" not in markexpr
+    return HAS_CUDA and _selected(config, "gpu")
 
 
 def pytest_configure(config):
@@ -26,7 +25,17 @@ def pytest_configure(config):
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _selected(config, marker: str) -> bool:
+    markexpr = config.getoption("markexpr", "") or ""
+    return marker in markexpr and f"not {marker}" not in markexpr
+
+
 def pytest_collection_modifyitems(config, items):
+    if not _selected(config, "static"):  # minutes of sm_90 compiles: `make test-static` (CI runs it)
+        skip_static = pytest.mark.skip(reason="the sm_90 static report: run `pytest -m static` (make test-static)")
+        for item in items:
+            if "static" in item.keywords:
+                item.add_marker(skip_static)
     if _compiled_run(config):
         return
     reason = ("compiled kernels: run `pytest -m gpu`" if HAS_CUDA

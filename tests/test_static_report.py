@@ -11,7 +11,8 @@ report): every @triton.jit function that no other one calls must appear in the r
 
 A cold run compiles 230-260 specialisations (most of them the attention autotuner's configs): 20-35 minutes
 on the shared two-core machine; Triton's cache (~/.triton/cache) makes later runs take about 2 minutes,
-recompiling only the kernels that changed.
+recompiling only the kernels that changed. So the two report tests are marked `static`: `make test-static`
+(`pytest -m static`) runs them, and CI (.ci/run) after `make test`.
 """
 import ast
 import json
@@ -50,6 +51,7 @@ def record(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.static
 def test_kernels_fit_sm90(record):
     import static_report
 
@@ -57,6 +59,7 @@ def test_kernels_fit_sm90(record):
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures)
 
 
+@pytest.mark.static
 def test_every_kernel_is_in_the_report(record):
     import dinotron.kernels
 
