@@ -75,6 +75,8 @@ WAVE_MIN_BATCH = 128  # from this batch (images, masked patches, sequences) ever
 SMALL_GRID_OK = {
     "_ce_combine_kernel": "one program folds the S x B per-split partials (80 KB at B=128) into the loss: "
                           "a few microseconds, single-program for a deterministic sum",
+    "_schedule_kernel": "one program per varlen tile size (4) prefix-sums the sequences' tile counts into the "
+                        "attention's work schedule: about a microsecond, a sequential scan over the sequences",
 }
 IBOT_ROWS = 16384  # masked patches of a B=128 step: 2 global crops x 128 images x 256 patches x 25% masked
 IBOT_PATCHES = 256  # 224 px / 14 px patches = 16 x 16

@@ -30,7 +30,9 @@ blocks (dS @ W, recomputing the scores) is not needed: Smix, one more tl.dot per
 forward, replaces it (two dots per tile in a backward pass).
 Few rows (DINO's 2 x 128 teacher rows) would leave most SMs idle, so K is split between programs
 (each split at least 4 * D columns, so that the (splits, rows, D) fp32 partials stay below rows x K / 4
-elements), and a combine in torch folds the splits' (max, sum, mix).
+elements; 2 * D columns, partials below rows x K / 2, as far as one wave needs where 4 * D would leave
+SMs without a program: DINO's teacher at B = 128, K = 65536, 2 row blocks x 66 splits of 15 or 16 K tiles,
+132 programs, where 64 splits of 16 tiles gave 128), and a combine in torch folds the splits' (max, sum, mix).
 
 Precision. Scores: tl.dot on the features' dtype (W rounded to it on load, as autocast's F.linear
 rounds it), fp32 accumulation: for bf16/fp16 features the products are exact; fp32 features use
@@ -95,9 +97,9 @@ from dinotron.kernels.softmax_center import center_ema
 MAX_D = 256  # the widest bottleneck the kernels take (D = 256 fills the register budget below)
 # (BLOCK_M rows, BLOCK_K prototypes) per tile on a GPU, by the features' element size; BLOCK_D = D padded to
 # a power of two. sm_90 compile at D = 256, num_warps=8, num_stages=2 (Triton 3.8, cuobjdump), no spills:
-#   forward  bf16/fp16 (128, 64): 240-246 registers, 192 KiB shared (the row block, two stages of key + value
-#            tiles), wgmma; from Sinkhorn's logits 246 registers, 128 KiB. fp32 (32, 32): 128 (ieee) / <217
-#            (tf32) registers, 100 KiB.
+#   forward  bf16/fp16 (128, 64): 223-228 registers, 192 KiB shared (the row block, two stages of key + value
+#            tiles), wgmma; from Sinkhorn's logits 253 registers, 128 KiB (bf16, benchmarks/static_report.py).
+#            fp32 (32, 32): 128 (ieee) / <217 (tf32) registers, 100 KiB.
 #   backward bf16/fp16 (64, 128): 248 registers, 192 KiB (from logits 216, 128 KiB), wgmma; fp32 (32, 32):
 #            152 (ieee) / 154 (tf32) registers, 100 KiB.
 # One 8-warp CTA per SM either way (registers), so the larger tiles halve the bytes each FLOP needs from L2:
@@ -106,7 +108,7 @@ MAX_D = 256  # the widest bottleneck the kernels take (D = 256 fills the registe
 # features use tf32 when allowed, else exact fp32 products ("ieee", no tensor cores).
 _FWD_BLOCKS = {2: (128, 64), 4: (32, 32)}
 _BWD_BLOCKS = {2: (64, 128), 4: (32, 32)}
-_MIN_COLS_PER_D = 4  # a K split spans at least 4 * D columns: partials <= rows x K / 4 elements
+_MIN_COLS_PER_D = 4  # a K split spans 4 * D columns at least (2 * D to fill one wave): partials <= rows x K / 4 (/ 2)
 
 
 @triton.jit
@@ -122,19 +124,20 @@ def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _head_softmax_kernel(
     X, KEYS, VALUES, LOGITS, COL, PART_M, PART_L, PART_MIX,
-    n_rows, K, D, x_stride, logits_stride, cols_per_split, logit_scale, col_scale,
+    n_rows, K, D, x_stride, logits_stride, n_splits, logit_scale, col_scale,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, FROM_LOGITS: tl.constexpr,
     HAS_COL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (row block, K split): over the split's prototypes k, z = scores * logit_scale +
-    col_scale * COL[k] with scores = X[rows] . KEYS[k] (or LOGITS[rows, k]); stores the online
-    max m, sum l = sum_k exp(z - m) and mix = sum_k exp(z - m) VALUES[k] (fp32) of each row. KEYS and
-    VALUES: (K, D) contiguous, in X's dtype."""
+    """Program (row block, K split of n_splits, whole K tiles each): over the split's prototypes k,
+    z = scores * logit_scale + col_scale * COL[k] with scores = X[rows] . KEYS[k] (or LOGITS[rows, k]);
+    stores the online max m, sum l = sum_k exp(z - m) and mix = sum_k exp(z - m) VALUES[k] (fp32) of each
+    row. KEYS and VALUES: (K, D) contiguous, in X's dtype."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
-    k_start = tl.program_id(1) * cols_per_split
-    k_end = tl.minimum(k_start + cols_per_split, K)
+    n_k_blocks = tl.cdiv(K, BLOCK_K)  # split s: K tiles [s n / n_splits, (s + 1) n / n_splits), rounded down
+    k_start = tl.program_id(1) * n_k_blocks // n_splits * BLOCK_K
+    k_end = tl.minimum((tl.program_id(1) + 1) * n_k_blocks // n_splits * BLOCK_K, K)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < D
     dt = X.dtype.element_ty
@@ -295,16 +298,17 @@ def _softmax_mix(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, logi
         return x.new_empty(0, dtype=torch.float32), x.new_empty(0, D, dtype=torch.float32)
     cfg = _blocks(_FWD_BLOCKS, x.dtype, R, K, D)
     row_blocks, n_blocks = triton.cdiv(R, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"])
-    max_splits = max(1, n_blocks // triton.cdiv(_MIN_COLS_PER_D * D, cfg["BLOCK_K"]))
-    splits = max(1, min(max_splits, triton.cdiv(2 * num_sms(x.device), row_blocks)))
-    cols_per_split = triton.cdiv(n_blocks, splits) * cfg["BLOCK_K"]
-    splits = triton.cdiv(K, cols_per_split)
+    sms = num_sms(x.device)
+    min_tiles = triton.cdiv(_MIN_COLS_PER_D * D, cfg["BLOCK_K"])  # K tiles a split spans at least
+    splits = max(1, min(n_blocks // min_tiles, triton.cdiv(2 * sms, row_blocks)))
+    if row_blocks * splits < sms:  # the bound leaves SMs without a program: halve it, up to one wave
+        splits = max(splits, min(n_blocks // triton.cdiv(min_tiles, 2), triton.cdiv(sms, row_blocks)))
     part = torch.empty(2, splits, R, dtype=torch.float32, device=x.device)
     part_mix = torch.empty(splits, R, D, dtype=torch.float32, device=x.device)
     _head_softmax_kernel[(row_blocks, splits)](
         X=x, KEYS=keys, VALUES=values, LOGITS=logits, COL=col, PART_M=part[0], PART_L=part[1], PART_MIX=part_mix,
         n_rows=R, K=K, D=D, x_stride=x.stride(0), logits_stride=0 if logits is None else logits.stride(0),
-        cols_per_split=cols_per_split, logit_scale=logit_scale, col_scale=col_scale,
+        n_splits=splits, logit_scale=logit_scale, col_scale=col_scale,
         FROM_LOGITS=logits is not None, HAS_COL=col is not None, **cfg, **_dot_config(x.dtype), num_warps=8,
         num_stages=2,
     )

@@ -43,16 +43,19 @@ each iteration into its column launch and its row launch (the kernel's COL_PASS 
   clock at 1.7 GHz), just under bf16's memory time.
 - Many rows (iBOT's masked patches: more than _FOLD_IN_KERNEL_MAX slab x row partials) would make the
   last program's fold a long serial tail; _fold_kernel then folds them after each iteration, one more
-  launch over ceil(R / 256) programs.
+  launch over row blocks sized to give every SM a program (_fold_blocks; R = 16384: 256 programs of 64
+  rows).
 - Co-residency: none assumed. A program waits for nothing (the counter is only read by the program
   that increments it); the partials' stores precede the increment (a CTA barrier, then one acq_rel
   atomic at GPU scope) and the last program reads them with L1-bypassing loads after its acquire.
 - sm_90 compile (Triton 3.8 + ptxas, 8 warps, BLOCK_R 16 x BLOCK_K 256; registers / dynamic shared
-  memory / CTAs per SM; no spills, STACK and LOCAL 0): one iteration (both passes and the fold) bf16
-  108 / 20 KiB / 2, fp32 126 / 36 KiB / 2 (hence _CTAS_PER_SM = 2: 264 slots for the 256 slabs);
-  without the fold bf16 107, fp32 104 registers; the probabilities' launch bf16 43 / 16 KiB / 5,
-  fp32 64 / 32 KiB / 4; _fold_kernel 48 registers, 4 KiB. The slab tiles stream through cp.async.cg
-  16-byte copies (no ld.global in the streaming loops); the fold's loads are ld.global.cg.v4.
+  memory / CTAs per SM; no spills, STACK and LOCAL 0): one iteration (both passes and the fold; the
+  first iteration, without a row scaling / the later ones) bf16 101 / 110, 20 KiB, 2, fp32 112 / 128,
+  36 KiB, 2 (hence _CTAS_PER_SM = 2: 264 slots for the 256 slabs); without the fold bf16 80 / 106, fp32
+  80 / 105 registers; the probabilities' launch bf16 48 / 16 KiB / 5, fp32 64 / 32 KiB / 4; _fold_kernel
+  (64-row blocks) 58 registers, 2 KiB. The slab tiles stream through cp.async.cg 16-byte copies (no
+  ld.global in the streaming loops); the fold's loads are ld.global.cg.v4, the loaded column scaling's
+  ld.global.v4 (_slab_vector); the shift is loaded once, before the slab loop.
 """
 from __future__ import annotations
 
@@ -94,6 +97,8 @@ def _sinkhorn_kernel(
     WRITE_PROBS: PROBS[r, k] = exp(L[r, k] - COL[k] - ROW[r]), (n_rows, K) contiguous.
     """
     n_slabs = tl.cdiv(K, BLOCK_K)
+    if COL_PASS and ROW_PASS:
+        shift = tl.load(SHIFT)  # once, outside the slab loop
     for slab in range(tl.program_id(0), n_slabs, tl.num_programs(0)):
         k = slab * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = k < K
@@ -113,10 +118,10 @@ def _sinkhorn_kernel(
                 m = m_new
             col = m + tl.log(s)
             if ROW_PASS:
-                col += tl.load(SHIFT)
+                col += shift
             tl.store(COL + k, col, mask=k_mask)
         else:
-            col = tl.load(COL + k, mask=k_mask, other=0.0)
+            col = _slab_vector(COL, k, k_mask, BLOCK_R)
         if ROW_PASS:  # 2. per row, the (max, sum) of its exps over the slab's columns
             plane = n_slabs * n_rows
             for r0 in tl.range(0, n_rows, BLOCK_R, num_stages=3):
@@ -138,7 +143,7 @@ def _sinkhorn_kernel(
         tl.debug_barrier()  # every thread's partial stores precede the counter's release
         done = tl.atomic_add(COUNTER, 1, sem="acq_rel", scope="gpu")
         if done == tl.num_programs(0) - 1:
-            _fold_row_partials(PARTIAL, ROW, n_slabs, n_rows, 0, 1, BLOCK_S)
+            _fold_row_partials(PARTIAL, ROW, n_slabs, n_rows, 0, 1, BLOCK_S, 256)
             tl.store(COUNTER, 0)  # ready for the next launch
 
 
@@ -153,22 +158,32 @@ def _slab_tile(X, r0, k, k_mask, n_rows, rows_per_view, view_stride, row_stride,
 
 
 @triton.jit
-def _fold_row_partials(PARTIAL, ROW, n_slabs, n_rows, first, step, BLOCK_S: tl.constexpr):
+def _slab_vector(V, k, k_mask, BLOCK_R: tl.constexpr):
+    """V[k] (0 off the columns) loaded as row 0 of a (BLOCK_R, BLOCK_K) tile, in the layout of the slab tiles:
+    4-wide vector loads by the threads holding row 0 (a (BLOCK_K,) load spreads BLOCK_K = 256 elements over
+    the 8 warps' 256 threads, one scalar load each); the sum over the tile's rows adds exact zeros."""
+    first = (tl.arange(0, BLOCK_R) == 0)[:, None]
+    at = V + k[None, :] + tl.zeros((BLOCK_R, 1), tl.int32)
+    return tl.sum(tl.load(at, mask=first & k_mask[None, :], other=0.0), axis=0)
+
+
+@triton.jit
+def _fold_row_partials(PARTIAL, ROW, n_slabs, n_rows, first, step, BLOCK_S: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """ROW[r] = log(sum_slab sum[slab, r] * exp(max[slab, r])) for the row blocks first, first + step, ... of
-    256 rows, folded in slab order (deterministic). The loads bypass L1 (.cg): the partials were written by
-    other programs, through L2."""
+    BLOCK_ROWS rows, folded in slab order (deterministic). The loads bypass L1 (.cg): the partials were
+    written by other programs, through L2."""
     plane = n_slabs * n_rows
-    for r0 in range(first * 256, n_rows, step * 256):
-        r = r0 + tl.arange(0, 256)
+    for r0 in range(first * BLOCK_ROWS, n_rows, step * BLOCK_ROWS):
+        r = r0 + tl.arange(0, BLOCK_ROWS)
         r_mask = r < n_rows
-        m = tl.full((256,), float("-inf"), tl.float32)
+        m = tl.full((BLOCK_ROWS,), float("-inf"), tl.float32)
         for s0 in range(0, n_slabs, BLOCK_S):
             sl = s0 + tl.arange(0, BLOCK_S)
             at = PARTIAL + sl[:, None] * n_rows + r[None, :]
             mask = (sl < n_slabs)[:, None] & r_mask[None, :]
             m = tl.maximum(m, tl.max(tl.load(at, mask=mask, other=float("-inf"), cache_modifier=".cg"), axis=0))
         pivot = lse_pivot(m)
-        total = tl.zeros((256,), tl.float32)
+        total = tl.zeros((BLOCK_ROWS,), tl.float32)
         for s0 in range(0, n_slabs, BLOCK_S):
             sl = s0 + tl.arange(0, BLOCK_S)
             at = PARTIAL + sl[:, None] * n_rows + r[None, :]
@@ -180,17 +195,25 @@ def _fold_row_partials(PARTIAL, ROW, n_slabs, n_rows, first, step, BLOCK_S: tl.c
 
 
 @triton.jit
-def _fold_kernel(PARTIAL, ROW, n_slabs, n_rows, BLOCK_S: tl.constexpr):
+def _fold_kernel(PARTIAL, ROW, n_slabs, n_rows, BLOCK_S: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """The row fold of _sinkhorn_kernel spread over programs (program p: row blocks p, p + P, ...), for
     many rows, whose partials one program would read too slowly (_FOLD_IN_KERNEL_MAX)."""
-    _fold_row_partials(PARTIAL, ROW, n_slabs, n_rows, tl.program_id(0), tl.num_programs(0), BLOCK_S)
+    _fold_row_partials(PARTIAL, ROW, n_slabs, n_rows, tl.program_id(0), tl.num_programs(0), BLOCK_S, BLOCK_ROWS)
 
 
 # The last program folds the row partials itself up to this many (slabs x rows) of them: R = 256 rows
 # (B = 128) x 256 slabs (K = 65536), 512 KiB of fp32 (max, sum), ~3 us at one SM's L2 bandwidth. More
 # (iBOT's thousands of masked rows) are folded by _fold_kernel, one more launch per iteration over
-# ceil(R / 256) programs, rather than serially by one program.
+# ceil(R / rows per program) programs (_fold_blocks), rather than serially by one program.
 _FOLD_IN_KERNEL_MAX = 1 << 16
+
+
+def _fold_blocks(R: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_S slabs, BLOCK_ROWS rows) of _fold_kernel's tiles: rows per program the largest power of two
+    from 16 to 256 that still gives every SM a program (R = 16384 on 132 SMs: 64 rows, 256 programs), the
+    tiles 4096 partials (16 per thread of 8 warps: 4-wide loads)."""
+    rows = max(16, min(256, 1 << max(0, (R // layout.num_sms(device)).bit_length() - 1)))
+    return tile(4096) // rows, rows
 
 
 def _block_k(K: int) -> int:
@@ -214,8 +237,9 @@ def _launch(table: ViewTable, scale: float, row, col, shift, partial, counter, p
         BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_S=tile(16), num_warps=8,  # the fold's (BLOCK_S, 256) tiles
     )
     if row_pass and not fold:
-        _fold_kernel[(triton.cdiv(R, 256),)](PARTIAL=partial, ROW=row, n_slabs=n_slabs, n_rows=R,
-                                             BLOCK_S=tile(16), num_warps=8)
+        block_s, block_rows = _fold_blocks(R, table.base.device)
+        _fold_kernel[(triton.cdiv(R, block_rows),)](PARTIAL=partial, ROW=row, n_slabs=n_slabs, n_rows=R,
+                                                    BLOCK_S=block_s, BLOCK_ROWS=block_rows, num_warps=8)
 
 
 def _scalings(table: ViewTable, teacher_temp: float, n_iterations: int,

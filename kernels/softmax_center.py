@@ -19,18 +19,31 @@ never stored. No autograd: teacher targets carry no gradient, as in dinov2.
 Zero rows (a rank whose batch has no masked patch) launch no kernel but still join the centre's
 all_reduce with zero sums and a zero count; no row on any rank leaves the centre unchanged.
 
-- Grid: G x ceil(K / BLOCK_K) tiles, at most one wave of _CTAS_PER_SM programs per SM (program p takes
-  the tiles p, p + grid, ...: persistent). BLOCK_K 256 x BLOCK_R 16 (4096-element blocks). DINO
-  (R = 2 x 128 teacher rows, K = 65536): 1 group x 256 slabs, 256 programs of one tile each (was 64
-  programs of 4 rows with the centre's sums); iBOT's ~16384 masked rows: 64 groups x 256 slabs = 16384
-  tiles on 264 programs (62 or 63 tiles each).
+- Grid: G x ceil(K / BLOCK_K) tiles, at most one wave of _CTAS_PER_SM = 2 programs per SM (program p takes
+  the tiles p, p + grid, ...: persistent). BLOCK_R 16 x BLOCK_K 256 blocks. DINO (R = 2 x 128 teacher
+  rows, K = 65536): 1 group x 256 slabs, 256 programs of one tile each (was 64 programs of 4 rows, 64
+  atomic adds per column); iBOT's ~16384 masked rows: 64 groups x 256 slabs = 16384 tiles on 264 programs
+  (62 or 63 each).
 - Bytes at R = 256, K = 65536: one read of the logits, 33.5 MB bf16 (11 us at 3.0 TB/s), 67 MB fp32
-  (22 us); the partials 2 x 256 slabs x R fp32 (512 KiB written, then read by the folding program from
-  L2: a serial tail of ~5 us at one SM's L2 bandwidth), the column sums G x K fp32 (256 KiB). The
-  probabilities add a second read (from L2 where the logits stay there: bf16 fits an H100's 50 MB)
-  and the fp32 (R, K) write, 67 MB. At R = 16384 (bf16 2.1 GB, 716 us) partials and column sums add
-  32 + 16 MB (1.6% + 0.8%), and the 64 folds overlap the other tiles' streaming but the last.
-- sm_90 compile: see docs/kernels.md and _CTAS_PER_SM.
+  (22 us); the partials 2 x 256 slabs x R fp32 (512 KiB), the column sums G x K fp32 (256 KiB). The
+  folding program then reads the partials from L2 (sinkhorn_knopp._fold_row_partials: the max, then max
+  and sum, 768 KiB in 32 dependent (16, 256) loads): a serial tail estimated at ~7 us, the largest cost
+  after the read itself. The probabilities add a second read (from L2 where the logits stay there: bf16
+  fits an H100's 50 MB) and the fp32 (R, K) write, 67 MB (22 us). At R = 16384 (bf16 2.1 GB, 716 us) the
+  partials and column sums add 32 + 16 MB (1.6% + 0.8%), and the 64 folds overlap other tiles' streaming,
+  but the last. Exps: one per element (16.8 M at R = 256), 4.7 us of MUFU (132 SMs x 16 a clock at 1.7 GHz),
+  under the memory time.
+- sm_90 compile (Triton 3.8 + ptxas, 8 warps, BLOCK_R 16 x BLOCK_K 256; registers / dynamic shared memory
+  / CTAs per SM; no spills, STACK and LOCAL 0, in every variant: R, B multiples of 16 or not): the
+  log-sum-exp pass with the centre's sums bf16 115 / 20 KiB / 2, fp32 64-100 / 36 KiB / 2-4; without them
+  bf16 95-111 / 16 KiB / 2, fp32 64-80 / 32 KiB / 3-4; the probabilities' pass bf16 104 / 24 KiB / 2, fp32
+  64-70 / 32 KiB / 3-4. The tiles stream through cp.async.cg 16-byte copies (no ld.global in the streaming
+  loops), the column bias is read with ld.global.v4 (in the blocks' shape: a (256,) vector would be one
+  scalar load a thread), the probabilities written with st.global.v4; the fold's loads are
+  ld.global.cg.v4 when R is a multiple of 16 (scalar otherwise). Smaller blocks spill: ptxas keeps
+  8 x 256 bf16 with the centre's sums to 64 registers and spills (16-byte stack frame). Was (one row block a
+  program, BLOCK_R 4 x BLOCK_K 1024 with the sums, 1 x 4096 without; no spills): bf16 61 / 28 KiB / 4, fp32
+  55 / 40 KiB / 4; probabilities bf16 60 / 48 KiB / 4, fp32 80 / 64 KiB / 3.
 """
 from __future__ import annotations
 
@@ -44,11 +57,11 @@ from dinotron.kernels.checks import check_finite_result, check_nonempty, check_p
 from dinotron.kernels.layout import TeacherTargets, ViewTable, lse_pivot, rows_table, tile, view_table
 from dinotron.kernels.sinkhorn_knopp import _fold_row_partials, _slab_tile
 
-# Rows per group: the row block sinkhorn_knopp._fold_row_partials folds (256 rows a program)
+# Rows per group (the fold's row block): R = 256 is one group, whose column sums are one K-vector
 _GROUP_ROWS = 256
-# Programs per SM the grid counts on: the sm_90 compile (module docstring) fits 3 CTAs of 8 warps per SM (bf16's
-# log-sum-exp pass, 80 registers; 4 to 6 for the others), so a grid of 3 x SMs programs is one wave
-_CTAS_PER_SM = 3
+# Programs per SM the grid counts on: the sm_90 compile (module docstring) fits 2 CTAs of 8 warps per SM (the
+# log-sum-exp pass with the centre's sums: 100 registers in fp32, 115 in bf16), so a grid of 2 x SMs is one wave
+_CTAS_PER_SM = 2
 
 
 @triton.jit
@@ -56,9 +69,9 @@ def _row_lse_kernel(
     X, BIAS, LSE, PROBS, COLSUM, PARTIAL, COUNTER,
     n_rows, K, rows_per_view, view_stride, row_stride, scale, bias_scale,
     HAS_BIAS: tl.constexpr, WITH_COLSUM: tl.constexpr, WRITE_PROBS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_ROWS: tl.constexpr,
 ):
-    """Program p, tiles p, p + P, ... (tile t: row group t // n_slabs of 256 rows, column slab t % n_slabs of
+    """Program p, tiles p, p + P, ... (tile t: row group t // n_slabs of GROUP_ROWS rows, column slab t % n_slabs of
     BLOCK_K) of the rows of a view table; z = x * scale + bias_scale * BIAS[k].
 
     Without WRITE_PROBS: PARTIAL[{max, sum}, slab, r] = (max, sum of exp(z - max)) over the slab's columns,
@@ -67,24 +80,26 @@ def _row_lse_kernel(
     WRITE_PROBS (LSE known): PROBS[r, k] = exp(z - LSE[r]), (n_rows, K) contiguous.
     """
     n_slabs = tl.cdiv(K, BLOCK_K)
-    n_groups = tl.cdiv(n_rows, 256)
+    n_groups = tl.cdiv(n_rows, GROUP_ROWS)
     for t in range(tl.program_id(0), n_groups * n_slabs, tl.num_programs(0)):
         group = t // n_slabs
         slab = t - group * n_slabs
         k = slab * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        if HAS_BIAS:  # the slab's column bias, loaded once for all its rows
-            bias = bias_scale * tl.load(BIAS + k, mask=k_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # the slab's column bias, once for all its rows, in the blocks' shape (every row the same):
+            # 16-byte loads, where a (BLOCK_K,) vector would spread one column a thread, a scalar load each
+            cols = tl.broadcast_to(k[None, :], (BLOCK_R, BLOCK_K))
+            bias = bias_scale * tl.load(BIAS + cols, mask=cols < K, other=0.0).to(tl.float32)
         else:
-            bias = tl.zeros((BLOCK_K,), tl.float32)
-        r_first = group * 256
-        r_end = tl.minimum(r_first + 256, n_rows)
+            bias = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+        r_first = group * GROUP_ROWS
+        r_end = tl.minimum(r_first + GROUP_ROWS, n_rows)
         if WRITE_PROBS:
             for r0 in tl.range(r_first, r_end, BLOCK_R, num_stages=3):  # pipelined: cp.async of the next blocks
                 x, r, r_mask = _slab_tile(X, r0, k, k_mask, r_end, rows_per_view, view_stride, row_stride, BLOCK_R)
                 lse = tl.load(LSE + r, mask=r_mask, other=float("inf"))  # exp(-inf) = 0 off the rows
                 tl.store(PROBS + r.to(tl.int64)[:, None] * K + k[None, :],
-                         tl.exp(x * scale + bias[None, :] - lse[:, None]), mask=r_mask[:, None] & k_mask[None, :])
+                         tl.exp(x * scale + bias - lse[:, None]), mask=r_mask[:, None] & k_mask[None, :])
         else:
             colsum = tl.zeros((BLOCK_K,), tl.float32)
             for r0 in tl.range(r_first, r_end, BLOCK_R, num_stages=3):
@@ -92,7 +107,7 @@ def _row_lse_kernel(
                 if WITH_COLSUM:  # 1. the centre's column sums, row block after row block
                     colsum += tl.sum(x, axis=0)
                 # 2. per row, the (max, sum) of its exps over the slab's columns
-                z = tl.where(k_mask[None, :], x * scale + bias[None, :], float("-inf"))
+                z = tl.where(k_mask[None, :], x * scale + bias, float("-inf"))
                 m_row = tl.max(z, axis=1)
                 s_row = tl.sum(tl.exp(z - lse_pivot(m_row)[:, None]), axis=1)
                 tl.store(PARTIAL + slab * n_rows + r, m_row, mask=r_mask)
@@ -103,7 +118,7 @@ def _row_lse_kernel(
             tl.debug_barrier()  # every thread's partial stores precede the counter's release
             done = tl.atomic_add(COUNTER + group, 1, sem="acq_rel", scope="gpu")
             if done == n_slabs - 1:
-                _fold_row_partials(PARTIAL, LSE, n_slabs, n_rows, group, n_groups, BLOCK_S)
+                _fold_row_partials(PARTIAL, LSE, n_slabs, n_rows, group, n_groups, BLOCK_S, GROUP_ROWS)
                 tl.store(COUNTER + group, 0)  # ready for the next launch
 
 
@@ -145,8 +160,8 @@ def row_lse(
                 torch.empty(0, K, dtype=torch.float32, device=device) if write_probs else None,
                 torch.zeros(1, K, dtype=torch.float32, device=device) if with_colsum else None)
     block_k = max(16, min(tile(256), triton.next_power_of_2(K)))  # K = 65536: 256 slabs
-    # (BLOCK_R, BLOCK_K) blocks of 2048 elements: 16 x 256 spills in bf16 (ptxas caps it at 64 registers)
-    block_r = min(tile(2048) // block_k, triton.next_power_of_2(R), _GROUP_ROWS)
+    # (BLOCK_R, BLOCK_K) blocks of 4096 elements (K = 65536: 16 x 256): no spills (module docstring)
+    block_r = min(tile(4096) // block_k, triton.next_power_of_2(R), _GROUP_ROWS)
     n_slabs, n_groups = triton.cdiv(K, block_k), triton.cdiv(R, _GROUP_ROWS)
     grid = (min(n_groups * n_slabs, _CTAS_PER_SM * layout.num_sms(device)),)
     lse = torch.empty(R, dtype=torch.float32, device=device)
@@ -156,7 +171,7 @@ def row_lse(
     launch = dict(X=table.base, BIAS=bias, LSE=lse, PARTIAL=partial, COUNTER=counter, n_rows=R, K=K,
                   rows_per_view=B, view_stride=table.view_stride, row_stride=table.row_stride, scale=scale,
                   bias_scale=bias_scale, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_K=block_k,
-                  BLOCK_S=tile(16), num_warps=8)  # BLOCK_S: the fold's (BLOCK_S, 256) tiles
+                  BLOCK_S=tile(16), GROUP_ROWS=_GROUP_ROWS, num_warps=8)  # the fold's (BLOCK_S, GROUP_ROWS) tiles
     _row_lse_kernel[grid](PROBS=None, COLSUM=colsum, WITH_COLSUM=with_colsum, WRITE_PROBS=False, **launch)
     probs = None
     if write_probs:

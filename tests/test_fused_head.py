@@ -193,7 +193,8 @@ def test_gpu_tiles_match_head_then_loss(monkeypatch, launches, centering, dtype,
     grids = launches[FORWARD].grids()
     row_blocks = [-(-rows // max(16, min(block_m, triton.next_power_of_2(rows)))) for rows in (T * B, S * B)]
     assert [g[0] for g in grids] == row_blocks and all(g[1] > 1 for g in grids)  # split over K
-    assert all(c > block_k for c in launches[FORWARD].arg("cols_per_split"))  # several K tiles per split
+    n_blocks = -(-K // block_k)  # the bound on the partials: a split spans whole K tiles, 2 * D columns at least
+    assert all(n_blocks // n * block_k >= 2 * D for n in launches[FORWARD].arg("n_splits"))
     assert launches[BACKWARD].grids() == [(-(-K // fused_head._BWD_BLOCKS[dtype.itemsize][1]),)]
     ran(launches)
     expected = dino_oracle(*case, centering, TRAINER)
@@ -345,7 +346,7 @@ for dtype, precision, from_logits in [("bf16", None, False), ("bf16", None, True
     m, k = fh._FWD_BLOCKS[size]
     lower(fh._head_softmax_kernel, dict(X=f"*{dtype}", KEYS=f"*{dtype}", VALUES=f"*{dtype}",
           LOGITS=f"*{dtype}" if from_logits else None, COL="*fp32", PART_M="*fp32", PART_L="*fp32", PART_MIX="*fp32",
-          n_rows="i32", K="i32", D="i32", x_stride="i32", logits_stride="i32", cols_per_split="i32",
+          n_rows="i32", K="i32", D="i32", x_stride="i32", logits_stride="i32", n_splits="i32",
           logit_scale="fp32", col_scale="fp32", BLOCK_M=m, BLOCK_K=k, BLOCK_D=256, FROM_LOGITS=from_logits,
           HAS_COL=True, PRECISION=precision, UPCAST=False), num_stages=2)
     m, k = fh._BWD_BLOCKS[size]

@@ -972,13 +972,13 @@ def test_gpu_tiles_ibot_patch_loss_matches_reference(gpu_tiles, monkeypatch, n_s
 
 
 @pytest.mark.parametrize("n_sms,shape,grid,block_r,n_groups", [
-    # 20 rows of K=5000: BLOCK_K 256 (20 slabs, the last 136 columns) x BLOCK_R 8 (3 row blocks, the last 4
-    # rows), one group; one slab a program
-    (H100_SMS, (2, 10, 5000), 20, 8, 1),
-    # 300 rows of K=1000: 2 groups of 256 and 44 rows x 4 slabs (the last 232 columns) = 8 tiles on one wave of
-    # 3 x 2 SMs: programs 0 and 1 take a tile of each group, so a group's last slab, and its fold, can be
-    # another program's; the centre's column sums are 2 group partials
-    (2, (2, 150, 1000), 6, 8, 2),
+    # 20 rows of K=5000: BLOCK_K 256 (20 slabs, the last 136 columns) x BLOCK_R 16 (2 row blocks, the
+    # last 4 rows), one group; one slab a program
+    (H100_SMS, (2, 10, 5000), 20, 16, 1),
+    # 300 rows of K=1000: 2 groups (256 rows; 44 rows, 3 row blocks, the last 12) x 4 slabs (the last 232
+    # columns) = 8 tiles on one wave of 2 x 2 SMs: each program takes a tile of each group, so a group's
+    # last slab, and its fold, can be another program's; the centre's column sums are 2 group partials
+    (2, (2, 150, 1000), 4, 16, 2),
 ])
 def test_gpu_tiles_softmax_center_and_update_match_reference(gpu_tiles, monkeypatch, n_sms, shape, grid, block_r,
                                                              n_groups):
@@ -1006,12 +1006,13 @@ def test_gpu_tiles_softmax_center_and_update_match_reference(gpu_tiles, monkeypa
     assert ema.arg("n_partial") == [n_groups, R]
 
 
-def test_gpu_tiles_softmax_center_is_deterministic(gpu_tiles):
+def test_gpu_tiles_softmax_center_is_deterministic(gpu_tiles, monkeypatch):
     """The row log-sum-exp, the probabilities and the new centre are bit-identical between runs and whatever
     the SM count, i.e. whichever program streams a tile and finishes a group last: the column sums add row
     blocks and then group partials in a fixed order, the fold adds slab partials in slab order, no atomics
-    on data. 300 rows of K=1000 (2 groups x 4 slabs, as above) on one wave of 3 x 132 (8 programs), 3 x 2
-    (6) and 3 x 1 (3) SMs; fp32 and bf16 logits."""
+    on data. 300 rows of K=1000 (2 groups x 4 slabs, as above) on one wave of 2 x 132 (8 programs), 2 x 2
+    (4) and 2 x 1 (2) SMs; fp32 and bf16 logits."""
+    rows = spy_launches(monkeypatch, softmax_center, "_row_lse_kernel")
     for dtype in (torch.float32, torch.bfloat16):
         logits, center = (3 * torch.randn(2, 150, 1000)).to(dtype), torch.randn(1, 1000)
         runs = []
@@ -1022,6 +1023,9 @@ def test_gpu_tiles_softmax_center_is_deterministic(gpu_tiles):
                          *softmax_center_and_update_teacher(logits, center, 0.04, 0.9, backend="triton")))
         for run in runs[1:]:
             assert all(torch.equal(a, b) for a, b in zip(run, runs[0], strict=True))
+        # per SM count: the targets' launch, then softmax_center_and_update_teacher's two
+        assert rows.grids() == [(8,)] * 6 + [(4,)] * 3 + [(2,)] * 3 and set(rows.arg("BLOCK_R")) == {16}
+        rows.clear()
         torch.testing.assert_close(runs[0][0], reference.softmax_center_lse(logits, center, 0.04), **FP32)
         torch.testing.assert_close(runs[0][1], reference.update_center(center, logits, 0.9), **FP32)
 
@@ -1033,7 +1037,8 @@ def test_gpu_tiles_sinkhorn_matches_reference(gpu_tiles, monkeypatch, n_sms, gri
     probabilities. On 132 SMs one slab per program; on 4 SMs 8 programs of 2 or 3 slabs each (the grid is
     one wave of 2 programs per SM), so a program's partials and the last program's fold span slabs. With
     more row partials than _FOLD_IN_KERNEL_MAX, _fold_kernel folds them after each iteration instead, its
-    programs taking 256 rows each (2, the last 44 rows)."""
+    programs taking 64 rows each on 4 SMs (the most rows, a power of two, that give every SM a program: 5
+    programs, the last 44 rows)."""
     gpu_tiles(n_sms)
     if not fold_in_kernel:
         monkeypatch.setattr(sinkhorn_knopp, "_FOLD_IN_KERNEL_MAX", 20 * 300 - 1)
@@ -1048,7 +1053,7 @@ def test_gpu_tiles_sinkhorn_matches_reference(gpu_tiles, monkeypatch, n_sms, gri
     assert launches.arg("COL_PASS") == launches.arg("ROW_PASS") == [True, True, True, False]
     assert launches.arg("WRITE_PROBS") == [False, False, False, True]
     assert launches.arg("FOLD")[:3] == [fold_in_kernel] * 3
-    assert folds.grids() == ([] if fold_in_kernel else [(2,)] * 3)
+    assert folds.grids() == ([] if fold_in_kernel else [(5,)] * 3)
     assert launches.arg("COUNTER")[-1].item() == 0  # the last program of each launch reset it
 
 
@@ -1595,7 +1600,7 @@ for with_colsum, dtype in [(True, "bf16"), (False, "fp32")]:
     lower(sc._row_lse_kernel, dict(X=f"*{dtype}", BIAS="*fp32", LSE="*fp32", PROBS=None if with_colsum else "*fp32",
           COLSUM="*fp32" if with_colsum else None, PARTIAL="*fp32", COUNTER="*i32", n_rows="i32", K="i32",
           rows_per_view="i32", view_stride="i32", row_stride="i32", scale="fp32", bias_scale="fp32", HAS_BIAS=True,
-          WITH_COLSUM=with_colsum, WRITE_PROBS=not with_colsum, BLOCK_R=8, BLOCK_K=256, BLOCK_S=16))
+          WITH_COLSUM=with_colsum, WRITE_PROBS=not with_colsum, BLOCK_R=16, BLOCK_K=256, BLOCK_S=16, GROUP_ROWS=256))
 lower(sc._center_ema_kernel, dict(PARTIAL="*fp32", CENTER="*bf16", OUT="*bf16", n_partial="i32", partial_stride="i32",
       K="i32", inv_count="fp32", momentum="fp32", BLOCK_P=16, BLOCK_K=256), num_warps=4)
 # one iteration's launch (both passes), distributed's column and row launches, the probabilities' launch
@@ -1607,7 +1612,7 @@ for dtype, has_row, col_pass, row_pass, probs in [("bf16", True, True, True, Fal
           COUNTER="*i32", PROBS="*fp32" if probs else None, n_rows="i32", K="i32", rows_per_view="i32",
           view_stride="i32", row_stride="i32", scale="fp32", HAS_ROW=has_row, COL_PASS=col_pass,
           ROW_PASS=row_pass, FOLD=dtype == "bf16", WRITE_PROBS=probs, BLOCK_R=16, BLOCK_K=256, BLOCK_S=16))
-lower(sk._fold_kernel, dict(PARTIAL="*fp32", ROW="*fp32", n_slabs="i32", n_rows="i32", BLOCK_S=16))
+lower(sk._fold_kernel, dict(PARTIAL="*fp32", ROW="*fp32", n_slabs="i32", n_rows="i32", BLOCK_S=16, BLOCK_ROWS=64))
 """
 
 
