@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test test-static test-gpu lint demo clean gpu-wheels gpu-proof
+.PHONY: test test-static test-demo test-gpu lint demo clean gpu-wheels gpu-proof
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ test: $(STAMP)
 
 test-static: $(STAMP)  # every kernel compiled for sm_90 at the benchmark shapes, held to its budgets (CI runs it)
 	$(PY) -m pytest -q -m static
+
+test-demo: $(STAMP)  # acceptance runs that train the demo model for minutes on CPU (CI runs it)
+	$(PY) -m pytest -q -m demo
 
 test-gpu: $(STAMP)  # on a CUDA machine: the compiled kernels and DALI on the GPU
 	$(PY) -m pytest -q -m gpu

@@ -30,12 +30,18 @@ def _selected(config, marker: str) -> bool:
     return marker in markexpr and f"not {marker}" not in markexpr
 
 
+# Tiers of minutes each, run only when selected (CI runs both after `make test`): marker -> why it is skipped.
+OPT_IN = {"static": "the sm_90 static report: run `pytest -m static` (make test-static)",
+          "demo": "trains the demo model for minutes: run `pytest -m demo` (make test-demo)"}
+
+
 def pytest_collection_modifyitems(config, items):
-    if not _selected(config, "static"):  # minutes of sm_90 compiles: `make test-static` (CI runs it)
-        skip_static = pytest.mark.skip(reason="the sm_90 static report: run `pytest -m static` (make test-static)")
-        for item in items:
-            if "static" in item.keywords:
-                item.add_marker(skip_static)
+    for marker, reason in OPT_IN.items():
+        if not _selected(config, marker):
+            skip = pytest.mark.skip(reason=reason)
+            for item in items:
+                if item.get_closest_marker(marker):
+                    item.add_marker(skip)
     if _compiled_run(config):
         return
     reason = ("compiled kernels: run `pytest -m gpu`" if HAS_CUDA

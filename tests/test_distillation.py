@@ -2,16 +2,24 @@
 
 Oracles: the exporting model itself (the loaded teacher's logits equal its teacher's, to fp32 rounding, 1e-5, and
 its centres are copied exactly), the teacher's weights before a training step (exactly unchanged after it: no EMA,
-no gradient), and the student's weights (they change).
+no gradient), the student's weights (they change), and k-NN accuracy on held-out labelled images (the demo's
+textures): a distilled demo student against its teacher and against itself at random init.
 """
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from dinotron.train import loop
+from dinotron.pipeline import write_shards
+from dinotron.train import demo, loop
+from dinotron.train.config import load_config
 from dinotron.train.export import export_backbone
 from dinotron.train.masking import masked_patch_indices
 from dinotron.train.model import HEADS_FILE, DinoV2
 from helpers import MemoryLoader, tiny_config
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 BIG = "model.timm_kwargs={embed_dim: 48, depth: 3, num_heads: 3, patch_size: 8}"
 
@@ -77,3 +85,48 @@ def test_a_teacher_that_cannot_teach_is_refused(teacher_export, tmp_path):
         DinoV2(_distilled(folder))
     with pytest.raises(ValueError, match="distillation.enabled needs distillation.teacher"):
         tiny_config("distillation.enabled=true")
+
+
+@pytest.mark.demo
+def test_a_distilled_demo_student_reaches_90_percent_of_its_teachers_knn(tmp_path):
+    """Issue 17's acceptance, end to end on the demo's data and pipeline (DALI on CPU): configs/demo.yaml's ViT
+    (width 128, depth 4) trained as `make demo` trains it (300 steps, on half its images) and exported is the
+    teacher; a student half as wide and half as deep (width 64, depth 2, same patch size and heads) distils from the
+    export for 150 steps. Weighted k-NN
+    top-1 on 300 held-out images (10 classes, chance 10 %), 2-core CPU, seed 0: teacher 21.3 %, student at random
+    init 10.3 %, distilled student 21.0 % (99 % of the teacher's; 100 teacher steps gave a teacher at 11.0 %, too
+    close to chance to say anything). The bar is the issue's (>= 90 % of the teacher); the random-init student must
+    be below it and the teacher clear of chance, or the comparison says nothing."""
+    teacher_steps, student_steps = 300, 150
+    out = tmp_path
+    demo.write_texture_folder(out / "images" / "train", n_per_class=100, size=64, seed=0)
+    demo.write_texture_folder(out / "images" / "val", n_per_class=30, size=64, seed=1)
+    for split in ("train", "val"):
+        write_shards(out / "images" / split, out / "shards", shard_size=500, prefix=split, progress=False)
+    shards = {s: json.dumps(sorted(str(p) for p in (out / "shards").glob(f"{s}-*.tar"))) for s in ("train", "val")}
+    data = [f"data.train_shards={shards['train']}", f"evaluation.knn_train_shards={shards['train']}",
+            f"evaluation.knn_val_shards={shards['val']}", "train.progress=false"]
+
+    def schedule(steps):  # demo.yaml's 10 schedule epochs (1 of warm-up) squeezed into `steps`
+        return [f"train.epoch_length={steps // 10}", f"train.max_steps={steps}"]
+
+    teacher_cfg = load_config(DEMO, data + schedule(teacher_steps) + [f"train.output_dir={out / 'teacher'}"])
+    teacher = loop.Trainer(teacher_cfg)
+    teacher_knn = teacher.fit()["knn_top1"]
+    folder = export_backbone(teacher.model, teacher_cfg, out / "export")
+
+    student_cfg = load_config(DEMO, data + schedule(student_steps) + [
+        f"train.output_dir={out / 'student'}", "distillation.enabled=true", f"distillation.teacher={folder}",
+        "model.timm_kwargs={embed_dim: 64, depth: 2, num_heads: 2, patch_size: 8}"])
+    loop.seed_everything(student_cfg.train.seed)  # the weights the student's Trainer starts from
+    random_init_knn = loop.evaluate_knn(DinoV2(student_cfg), student_cfg, torch.device("cpu"))["top1"]
+    student = loop.Trainer(student_cfg)
+    assert student.model.evaluated is student.model.student
+    distilled_knn = student.fit()["knn_top1"]
+
+    figures = (f"teacher {teacher_knn:.1f} %, student at random init {random_init_knn:.1f} %, "
+               f"distilled {distilled_knn:.1f} %")
+    print(f"k-NN top-1: {figures}")
+    assert teacher_knn >= random_init_knn + 5, f"the teacher learnt too little to teach: {figures}"
+    assert random_init_knn < 0.9 * teacher_knn, f"the bar is reached without training: {figures}"
+    assert distilled_knn >= 0.9 * teacher_knn, f"the student stays under 90 % of its teacher: {figures}"
