@@ -12,8 +12,9 @@ compiled, `dinotron` the public koleo_loss (Triton on CUDA; on CPU what a CPU us
 fallback, never the Triton interpreter). peak_mib is the memory the call allocates beyond its inputs
 (CUDA only): O(B^2) for the eager rows, O(B*D) for the kernel. On CUDA each row also gets the op's
 roofline time (benchmarks/roofline.py) and roofline_share, the fraction of it the row reached.
-fp32 inputs follow torch.backends.cuda.matmul.allow_tf32 in every row (--tf32 turns it on, as
-dinov2's train.py does); by default it is off, and the kernel's search runs in tf32x3.
+fp32 inputs follow torch.backends.cuda.matmul.allow_tf32 in the eager and compiled rows (--tf32 turns it on, as
+dinov2's train.py does; by default it is off); the kernel ignores it: exact fp32 products up to 384 rows, above
+that a tf32 candidate search whose candidates are re-ranked in fp32 (kernels/koleo.py), the same neighbours.
 """
 from __future__ import annotations
 
