@@ -35,21 +35,20 @@ OPT_IN = {"static": "the sm_90 static report: run `pytest -m static` (make test-
           "demo": "trains the demo model for minutes: run `pytest -m demo` (make test-demo)"}
 
 
+def _skip_marked(items, marker: str, reason: str) -> None:
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if item.get_closest_marker(marker):
+            item.add_marker(skip)
+
+
 def pytest_collection_modifyitems(config, items):
     for marker, reason in OPT_IN.items():
         if not _selected(config, marker):
-            skip = pytest.mark.skip(reason=reason)
-            for item in items:
-                if item.get_closest_marker(marker):
-                    item.add_marker(skip)
-    if _compiled_run(config):
-        return
-    reason = ("compiled kernels: run `pytest -m gpu`" if HAS_CUDA
-              else "needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
-    skip_gpu = pytest.mark.skip(reason=reason)
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+            _skip_marked(items, marker, reason)
+    if not _compiled_run(config):
+        _skip_marked(items, "gpu", "compiled kernels: run `pytest -m gpu`" if HAS_CUDA
+                     else "needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
 
 
 @pytest.fixture(autouse=True)

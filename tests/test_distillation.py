@@ -5,13 +5,11 @@ its centres are copied exactly), the teacher's weights before a training step (e
 no gradient), the student's weights (they change), and k-NN accuracy on held-out labelled images (the demo's
 textures): a distilled demo student against its teacher and against itself at random init.
 """
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from dinotron.pipeline import write_shards
 from dinotron.train import demo, loop
 from dinotron.train.config import load_config
 from dinotron.train.export import export_backbone
@@ -99,13 +97,8 @@ def test_a_distilled_demo_student_reaches_90_percent_of_its_teachers_knn(tmp_pat
     be below it and the teacher clear of chance, or the comparison says nothing."""
     teacher_steps, student_steps = 300, 150
     out = tmp_path
-    demo.write_texture_folder(out / "images" / "train", n_per_class=100, size=64, seed=0)
-    demo.write_texture_folder(out / "images" / "val", n_per_class=30, size=64, seed=1)
-    for split in ("train", "val"):
-        write_shards(out / "images" / split, out / "shards", shard_size=500, prefix=split, progress=False)
-    shards = {s: json.dumps(sorted(str(p) for p in (out / "shards").glob(f"{s}-*.tar"))) for s in ("train", "val")}
-    data = [f"data.train_shards={shards['train']}", f"evaluation.knn_train_shards={shards['train']}",
-            f"evaluation.knn_val_shards={shards['val']}", "train.progress=false"]
+    demo.write_demo_shards(out, n_train_per_class=100, n_val_per_class=30, size=64)
+    data = [*demo.demo_shard_overrides(out), "train.progress=false"]
 
     def schedule(steps):  # demo.yaml's 10 schedule epochs (1 of warm-up) squeezed into `steps`
         return [f"train.epoch_length={steps // 10}", f"train.max_steps={steps}"]

@@ -92,6 +92,22 @@ def plot_losses(metrics_file: Path, out_png: Path, title: str) -> Path:
     return out_png
 
 
+def write_demo_shards(out: Path, n_train_per_class: int, n_val_per_class: int, size: int) -> None:
+    """The demo's labelled textures, train (seed 0) and held-out val (seed 1), as out/shards/{train,val}-*.tar."""
+    from dinotron.pipeline import write_shards
+
+    for split, n_per_class, seed in (("train", n_train_per_class, 0), ("val", n_val_per_class, 1)):
+        write_texture_folder(out / "images" / split, n_per_class, size, seed=seed)
+        write_shards(out / "images" / split, out / "shards", shard_size=500, prefix=split, progress=False)
+
+
+def demo_shard_overrides(out: Path) -> list[str]:
+    """Config overrides that train on write_demo_shards(out, ...)'s train split and run k-NN train -> val."""
+    train, val = ([str(p) for p in sorted((out / "shards").glob(f"{split}-*.tar"))] for split in ("train", "val"))
+    return [f"data.train_shards={json.dumps(train)}", f"evaluation.knn_train_shards={json.dumps(train)}",
+            f"evaluation.knn_val_shards={json.dumps(val)}"]
+
+
 RANDOM_INIT = "random_init_knn.json"  # in `out`: the baseline's accuracy, kept for --resume
 RANDOM_INIT_LINEAR = "random_init_linear.json"  # its linear probe's, likewise
 # The linear probe shrunk to the demo: 10 x 100 iterations of 256 of the 2,000 features (lr = grid value x 1), and
@@ -112,7 +128,6 @@ def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = 
 
     import torch
 
-    from dinotron.pipeline import write_shards
     from dinotron.train import checkpoint as ckpt
     from dinotron.train.config import load_config
     from dinotron.train.export import export_backbone
@@ -129,22 +144,9 @@ def run_demo(config: str | Path, out: str | Path, overrides: list[str] | None = 
         resume = False
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
-        write_texture_folder(out / "images" / "train", n_train_per_class, size, seed=0)
-        write_texture_folder(out / "images" / "val", n_val_per_class, size, seed=1)
-        for split in ("train", "val"):
-            write_shards(out / "images" / split, out / "shards", shard_size=500, prefix=split, progress=False)
-    shards = {split: sorted(str(p) for p in (out / "shards").glob(f"{split}-*.tar")) for split in ("train", "val")}
-    cfg = load_config(
-        config,
-        [
-            f"data.train_shards={json.dumps(shards['train'])}",
-            f"evaluation.knn_train_shards={json.dumps(shards['train'])}",
-            f"evaluation.knn_val_shards={json.dumps(shards['val'])}",
-            f"train.output_dir={out / 'train'}",
-            *DEMO_LINEAR,
-        ]
-        + list(overrides or []),
-    )
+        write_demo_shards(out, n_train_per_class, n_val_per_class, size)
+    cfg = load_config(config, [*demo_shard_overrides(out), f"train.output_dir={out / 'train'}", *DEMO_LINEAR,
+                               *(overrides or [])])
     log.info(f"[demo] {len(PATTERNS)} texture classes, {len(PATTERNS) * n_train_per_class} train / "
              f"{len(PATTERNS) * n_val_per_class} val images of {size}px, shards in {out / 'shards'}")
 
